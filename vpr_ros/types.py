@@ -61,3 +61,20 @@ class SkipCounter:
         if not self.counts:
             return 'none'
         return ', '.join(f'{n} {reason}' for reason, n in sorted(self.counts.items()))
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One candidate place for a query, after re-ranking.
+
+    ``global_score``: cosine similarity of global descriptors.
+    ``rerank_score``: fraction of query locations with a mutual-nearest-neighbour local match.
+    ``confidence``: in [0, 1], see ``vpr_ros.rerank.confidences``.
+    """
+
+    place_index: int
+    place_id: int
+    global_score: float
+    rerank_score: float
+    confidence: float
+    pose: Pose | None = None

@@ -1,0 +1,403 @@
+"""The place database (the map): descriptors, local features, place metadata, faiss index.
+
+On disk a map is a directory::
+
+    manifest.json              format, model identity, shapes, dtypes, counts, checksums
+    places.npy                 structured array, one row per place (see PLACE_DTYPE)
+    global_descriptors.npy     (N, D) float32, L2-normalised
+    local_features.npy         (N, L, C) float16, L2-normalised per location (optional)
+    index.faiss                faiss index over the global descriptors
+
+Everything is plain numpy (``allow_pickle=False``), JSON and faiss, so a map reads
+without torch. ``manifest.json`` is written last and lists every file's size and
+SHA-256; a directory without a valid manifest is not a map. Saving writes a complete new
+directory next to the target and then renames it into place, so a crash never leaves a
+half-written map where a good one was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from vpr_ros.errors import DatabaseError
+from vpr_ros.models.base import ModelIdentity
+from vpr_ros.retrieval import build_index, search
+from vpr_ros.types import Frame, Pose
+
+FORMAT_NAME = 'vpr_ros.place_database'
+FORMAT_VERSION = 1
+
+MANIFEST = 'manifest.json'
+PLACES_FILE = 'places.npy'
+GLOBAL_FILE = 'global_descriptors.npy'
+LOCAL_FILE = 'local_features.npy'
+INDEX_FILE = 'index.faiss'
+
+# One row per place. Poses are in ``frame_id`` (the map frame); ``traverse`` numbers the
+# source sequences, and places of one traverse are stored in keyframe order, which gives
+# the adjacency that sequence matching uses.
+PLACE_DTYPE = np.dtype(
+    [
+        ('place_id', '<i8'),
+        ('stamp_ns', '<i8'),
+        ('x', '<f8'),
+        ('y', '<f8'),
+        ('z', '<f8'),
+        ('qx', '<f8'),
+        ('qy', '<f8'),
+        ('qz', '<f8'),
+        ('qw', '<f8'),
+        ('frame_id', '<U64'),
+        ('source', '<U256'),
+        ('topic', '<U128'),
+        ('msg_index', '<i8'),
+        ('traverse', '<i4'),
+    ]
+)
+POSE_FIELDS = ('x', 'y', 'z', 'qx', 'qy', 'qz', 'qw')
+
+
+def place_records(frames: Sequence[Frame], *, first_id: int = 0, traverse: int = 0) -> np.ndarray:
+    """Place rows for ``frames`` (ids counting up from ``first_id``)."""
+    rows = np.zeros(len(frames), PLACE_DTYPE)
+    for i, frame in enumerate(frames):
+        pose = frame.pose or Pose(np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan)
+        rows[i] = (
+            first_id + i,
+            frame.stamp_ns,
+            *pose.as_array(),
+            frame.pose_frame_id or frame.frame_id,
+            frame.source,
+            frame.topic,
+            frame.msg_index,
+            traverse,
+        )
+    return rows
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open('rb') as stream:
+        for block in iter(lambda: stream.read(1 << 22), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PlaceDatabase:
+    """A map of places that a query image is matched against.
+
+    Args:
+        model: identity of the model that made the descriptors.
+        global_descriptors: (N, D) float32.
+        places: (N,) rows of ``PLACE_DTYPE``.
+        local_features: (N, L, C) float16/float32, or None for a map without re-ranking.
+        index_conf: faiss index settings (see ``vpr_ros.retrieval``).
+    """
+
+    def __init__(
+        self,
+        model: ModelIdentity,
+        global_descriptors: np.ndarray,
+        places: np.ndarray,
+        local_features: np.ndarray | None = None,
+        *,
+        index_conf: dict | None = None,
+        index: faiss.Index | None = None,
+    ) -> None:
+        if global_descriptors.ndim != 2 or global_descriptors.shape[1] != model.global_dim:
+            msg = (
+                f'global descriptors of shape {global_descriptors.shape!r} do not match '
+                f'the model {model.describe()}'
+            )
+            raise DatabaseError(msg)
+        if len(places) != len(global_descriptors):
+            msg = f'{len(places)} place rows for {len(global_descriptors)} descriptors'
+            raise DatabaseError(msg)
+        if local_features is not None and (
+            len(local_features) != len(places) or local_features.ndim != 3
+        ):
+            msg = f'local features of shape {local_features.shape!r} for {len(places)} places'
+            raise DatabaseError(msg)
+        self.model = model
+        self.global_descriptors = np.ascontiguousarray(global_descriptors, np.float32)
+        self.places = places.astype(PLACE_DTYPE, copy=False)
+        self.local_features = local_features
+        self.index_conf = dict(index_conf or {'type': 'flat'})
+        self.index = (
+            index if index is not None else build_index(self.global_descriptors, self.index_conf)
+        )
+
+    @classmethod
+    def empty(
+        cls, model: ModelIdentity, *, with_local: bool = True, index_conf: dict | None = None
+    ) -> PlaceDatabase:
+        """A map with no places yet, for ``add``."""
+        local = np.zeros((0, 0, model.local_dim), np.float16) if with_local else None
+        return cls(
+            model,
+            np.zeros((0, model.global_dim), np.float32),
+            np.zeros(0, PLACE_DTYPE),
+            local,
+            index_conf=index_conf,
+        )
+
+    def __len__(self) -> int:
+        return len(self.places)
+
+    def __repr__(self) -> str:
+        return f'<PlaceDatabase {len(self)} places, model {self.model.describe()}>'
+
+    @property
+    def poses(self) -> np.ndarray:
+        """(N, 7) poses x y z qx qy qz qw (NaN where unknown)."""
+        return np.stack([self.places[f] for f in POSE_FIELDS], axis=1)
+
+    def pose(self, index: int) -> Pose | None:
+        row = self.places[index]
+        if np.isnan(row['x']):
+            return None
+        return Pose(*(float(row[f]) for f in POSE_FIELDS))
+
+    # -- building ---------------------------------------------------------------------
+
+    def add(
+        self,
+        global_descriptors: np.ndarray,
+        places: np.ndarray,
+        local_features: np.ndarray | None = None,
+    ) -> None:
+        """Append places (descriptors from the same model as the map)."""
+        if global_descriptors.shape[1:] != (self.model.global_dim,):
+            msg = (
+                f'descriptors of dimension {global_descriptors.shape[1:]!r} cannot join a map '
+                f'of {self.model.describe()}'
+            )
+            raise DatabaseError(msg)
+        if (self.local_features is None) != (local_features is None):
+            raise DatabaseError('add local features to a map exactly when it has them')
+        places = places.astype(PLACE_DTYPE, copy=True)
+        if len(np.intersect1d(places['place_id'], self.places['place_id'])):
+            raise DatabaseError('place ids must be unique; use next_place_id()')
+        self.global_descriptors = np.concatenate(
+            [self.global_descriptors, np.asarray(global_descriptors, np.float32)]
+        )
+        self.places = np.concatenate([self.places, places])
+        if local_features is not None:
+            local_features = np.asarray(local_features, np.float16)
+            if len(self.local_features) == 0:
+                self.local_features = local_features
+            else:
+                if local_features.shape[1:] != self.local_features.shape[1:]:
+                    msg = (
+                        f'local features of shape {local_features.shape[1:]!r} cannot join '
+                        f'a map with {self.local_features.shape[1:]!r}'
+                    )
+                    raise DatabaseError(msg)
+                self.local_features = np.concatenate([self.local_features, local_features])
+        self.index.add(np.ascontiguousarray(global_descriptors, np.float32))
+
+    def next_place_id(self) -> int:
+        return int(self.places['place_id'].max()) + 1 if len(self) else 0
+
+    def next_traverse(self) -> int:
+        return int(self.places['traverse'].max()) + 1 if len(self) else 0
+
+    def extend(self, other: PlaceDatabase) -> None:
+        """Append another map's places (same model), renumbering ids and traverses."""
+        self.check_model(other.model, what='the appended map')
+        places = other.places.copy()
+        places['place_id'] = places['place_id'] - places['place_id'].min() + self.next_place_id()
+        places['traverse'] += self.next_traverse()
+        self.add(other.global_descriptors, places, other.local_features)
+
+    # -- retrieval ----------------------------------------------------------------------
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` places per query: (similarities (Q, k), place indices (Q, k))."""
+        return search(self.index, queries, min(k, max(len(self), 1)))
+
+    def check_model(self, model: ModelIdentity, *, what: str = 'the query model') -> None:
+        """Raise DatabaseError unless ``model`` made this map's descriptors."""
+        same = (
+            model.name == self.model.name
+            and model.config_hash == self.model.config_hash
+            and model.weights_hash == self.model.weights_hash
+            and model.global_dim == self.model.global_dim
+        )
+        if not same:
+            msg = (
+                f'this map was built with {self.model.describe()}, but {what} is '
+                f"{model.describe()}; rebuild the map with that model or use the map's model"
+            )
+            raise DatabaseError(msg)
+
+    # -- storage ------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the map to directory ``path`` atomically (replacing an existing map)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
+        old = path.parent / f'.{path.name}.old-{os.getpid()}'
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            self._write(tmp)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _write(self, directory: Path) -> None:
+        files = {PLACES_FILE: self.places, GLOBAL_FILE: self.global_descriptors}
+        if self.local_features is not None:
+            files[LOCAL_FILE] = np.asarray(self.local_features, np.float16)
+        for name, array in files.items():
+            with (directory / name).open('wb') as stream:
+                np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
+                stream.flush()
+                os.fsync(stream.fileno())
+        faiss.write_index(self.index, str(directory / INDEX_FILE))
+        names = [*files, INDEX_FILE]
+        local = None
+        if self.local_features is not None:
+            local = {
+                'num_locations': int(self.local_features.shape[1]),
+                'dim': int(self.local_features.shape[2]),
+                'dtype': 'float16',
+            }
+        manifest = {
+            'format': FORMAT_NAME,
+            'format_version': FORMAT_VERSION,
+            'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+            'model': self.model.to_dict(),
+            'place_count': len(self),
+            'global': {'dim': int(self.model.global_dim), 'dtype': 'float32'},
+            'local': local,
+            'index': self.index_conf,
+            'files': {
+                name: {
+                    'bytes': (directory / name).stat().st_size,
+                    'sha256': _sha256(directory / name),
+                }
+                for name in names
+            },
+        }
+        tmp_manifest = directory / (MANIFEST + '.tmp')
+        tmp_manifest.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp_manifest, directory / MANIFEST)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        expected_model: ModelIdentity | None = None,
+        mmap: bool = True,
+        verify_checksums: bool = True,
+    ) -> PlaceDatabase:
+        """Open a map, validating format, files, checksums, shapes and (optionally) model.
+
+        Args:
+            path: the map directory.
+            expected_model: if given, the map must have been built by this model.
+            mmap: memory-map the local features instead of reading them.
+            verify_checksums: check each file's SHA-256 (sizes are always checked).
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            DatabaseError: anything else wrong, with what to do about it.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f'map {str(path)!r} does not exist; build it with build_map')
+        manifest = cls.read_manifest(path)
+        model = ModelIdentity.from_dict(manifest['model'])
+        if expected_model is not None:
+            probe = cls.__new__(cls)
+            probe.model = model
+            probe.check_model(expected_model)
+        for name, info in manifest['files'].items():
+            file = path / name
+            if not file.is_file():
+                raise DatabaseError(f'map {str(path)!r} lacks {name!r}; rebuild the map')
+            size = file.stat().st_size
+            if size != info['bytes']:
+                msg = (
+                    f'map file {str(file)!r} is {size} bytes, the manifest says '
+                    f'{info["bytes"]}: truncated or overwritten; rebuild the map'
+                )
+                raise DatabaseError(msg)
+            if verify_checksums and _sha256(file) != info['sha256']:
+                msg = f'map file {str(file)!r} fails its checksum (corrupt); rebuild the map'
+                raise DatabaseError(msg)
+        try:
+            places = np.load(path / PLACES_FILE, allow_pickle=False)
+            global_descriptors = np.load(path / GLOBAL_FILE, allow_pickle=False)
+            local = None
+            if LOCAL_FILE in manifest['files']:
+                local = np.load(
+                    path / LOCAL_FILE, mmap_mode='r' if mmap else None, allow_pickle=False
+                )
+            index = faiss.read_index(str(path / INDEX_FILE))
+        except (ValueError, OSError, RuntimeError) as err:
+            raise DatabaseError(f'cannot read map {str(path)!r}: {err}') from err
+        count = manifest['place_count']
+        if places.dtype != PLACE_DTYPE or len(places) != count:
+            raise DatabaseError(f'map {str(path)!r}: places.npy does not match the manifest')
+        if global_descriptors.shape != (count, model.global_dim):
+            msg = (
+                f'map {str(path)!r}: global descriptors {global_descriptors.shape!r}, '
+                f'manifest says ({count}, {model.global_dim})'
+            )
+            raise DatabaseError(msg)
+        if index.ntotal != count or index.d != model.global_dim:
+            raise DatabaseError(f'map {str(path)!r}: the faiss index does not match the places')
+        if local is not None and (
+            len(local) != count or local.shape[2] != manifest['local']['dim']
+        ):
+            raise DatabaseError(f'map {str(path)!r}: local features do not match the manifest')
+        return cls(
+            model, global_descriptors, places, local, index_conf=manifest['index'], index=index
+        )
+
+    @staticmethod
+    def read_manifest(path: str | os.PathLike) -> dict:
+        """The manifest of map ``path``, checked for format and version."""
+        path = Path(path)
+        file = path / MANIFEST
+        if not file.is_file():
+            msg = (
+                f'{str(path)!r} is not a vpr_ros map (no {MANIFEST}); it may be half-written '
+                f'or another kind of directory; rebuild it with build_map'
+            )
+            raise DatabaseError(msg)
+        try:
+            manifest = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise DatabaseError(f'map manifest {str(file)!r} is unreadable: {err}') from err
+        if manifest.get('format') != FORMAT_NAME:
+            raise DatabaseError(f'{str(file)!r} is not a vpr_ros map manifest')
+        version = manifest.get('format_version')
+        if version != FORMAT_VERSION:
+            msg = (
+                f'map {str(path)!r} has format version {version!r}; this vpr_ros reads version '
+                f'{FORMAT_VERSION}; rebuild the map with this version'
+            )
+            raise DatabaseError(msg)
+        return manifest
