@@ -1,0 +1,44 @@
+"""Shared fixtures: small synthetic places and the default model, loaded once."""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+# One thread per test process: the CI machine has two cores.
+torch.set_num_threads(1)
+os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+
+
+def synthetic_place(index: int, size: tuple[int, int] = (120, 160)) -> np.ndarray:
+    """A distinct, textured RGB image for place ``index`` (deterministic)."""
+    height, width = size
+    rng = np.random.default_rng(1000 + index)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:] = rng.integers(30, 90, 3)
+    for _ in range(12):
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        center = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        if rng.random() < 0.5:
+            cv2.circle(image, center, int(rng.integers(5, height // 3)), color, -1)
+        else:
+            corner = (center[0] + int(rng.integers(10, 60)), center[1] + int(rng.integers(10, 60)))
+            cv2.rectangle(image, center, corner, color, -1)
+    return image
+
+
+def viewed_again(image: np.ndarray, shift_px: int = 4, gain: float = 1.15) -> np.ndarray:
+    """The same place seen again: a small shift and a lighting change."""
+    moved = np.roll(image, shift_px, axis=1)
+    return np.clip(moved.astype(np.float32) * gain + 5, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope='session')
+def default_model():
+    from vpr_ros.models import DEFAULT_MODEL, load_model
+
+    return load_model(DEFAULT_MODEL)

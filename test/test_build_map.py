@@ -1,0 +1,163 @@
+"""build_map over bags written by the test: every storage, image type and pose type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import synthetic_place
+
+from vpr_ros.bagio import write_bag
+from vpr_ros.cli.build_map import main as build_map_main
+from vpr_ros.database import PlaceDatabase
+from vpr_ros.errors import BagReadError
+from vpr_ros.mapping import build_map
+from vpr_ros.types import Frame, Pose
+
+STEP_M = 0.6  # metres between frames; keyframes every 1 m keep every second frame
+
+
+def route_frames(count: int = 8, start_ns: int = 10**9) -> list[Frame]:
+    return [
+        Frame(
+            synthetic_place(i, (60, 80)),
+            start_ns + i * 100_000_000,
+            frame_id='camera',
+            pose=Pose(i * STEP_M, 0.0, 0.0),
+        )
+        for i in range(count)
+    ]
+
+
+CASES = [
+    ('sqlite3', False, 'odometry'),
+    ('mcap', True, 'pose_stamped'),
+    ('rosbag1', False, 'pose_cov'),
+    ('sqlite3', True, 'navsat'),
+    ('mcap', False, 'navsat'),
+    ('rosbag1', True, 'odometry'),
+]
+
+
+@pytest.mark.parametrize(('storage', 'compressed', 'pose_type'), CASES)
+def test_build_map_keeps_one_place_per_metre_with_interpolated_poses(
+    tmp_path: Path, default_model, storage: str, compressed: bool, pose_type: str
+) -> None:
+    bag = write_bag(
+        tmp_path / ('run.bag' if storage == 'rosbag1' else f'run_{storage}'),
+        route_frames(),
+        storage=storage,
+        compressed=compressed,
+        pose_type=pose_type,
+    )
+    summary = build_map(
+        default_model, [bag], '/camera/image_raw', '/odom', tmp_path / 'map', progress=False
+    )
+    assert summary.messages_read == 8
+    assert summary.skipped.total == 0
+    database = PlaceDatabase.load(tmp_path / 'map', expected_model=default_model.identity())
+    # Frames at 0, 0.6, 1.2, ... m: keyframes at 0, 1.2, 2.4, 3.6 m.
+    assert len(database) == summary.keyframes == 4
+    np.testing.assert_allclose(database.places['x'], [0.0, 1.2, 2.4, 3.6], atol=0.05)
+    assert list(database.places['msg_index']) == [0, 2, 4, 6]
+    assert database.local_features.shape[1:] == (
+        database.local_features.shape[1],
+        default_model.local_dim,
+    )
+
+
+def test_appending_a_second_bag_adds_a_traverse(tmp_path: Path, default_model) -> None:
+    first = write_bag(tmp_path / 'a', route_frames(4), storage='sqlite3')
+    second = write_bag(tmp_path / 'b', route_frames(4, start_ns=5 * 10**9), storage='mcap')
+    build_map(default_model, [first], '/camera/image_raw', '/odom', tmp_path / 'm', progress=False)
+    build_map(
+        default_model,
+        [second],
+        '/camera/image_raw',
+        '/odom',
+        tmp_path / 'm',
+        append=True,
+        progress=False,
+    )
+    database = PlaceDatabase.load(tmp_path / 'm')
+    assert list(database.places['traverse']) == [0, 0, 1, 1]
+    assert len(set(database.places['place_id'])) == 4
+
+
+def test_frames_without_pose_are_skipped_and_counted(tmp_path: Path, default_model) -> None:
+    frames = route_frames(6)
+    # Poses only cover the first half of the images.
+    bag = write_bag(
+        tmp_path / 'bag',
+        frames,
+        pose_stamps_ns=[f.stamp_ns for f in frames[:3]],
+        poses=[f.pose for f in frames[:3]],
+    )
+    summary = build_map(
+        default_model,
+        [bag],
+        '/camera/image_raw',
+        '/odom',
+        tmp_path / 'map',
+        conf={'max_pose_gap_s': 0.15},
+        progress=False,
+    )
+    assert summary.messages_read == 6
+    assert summary.skipped.total == 3
+    assert 'no pose' in summary.skipped.summary()
+
+
+def test_corrupt_bag_gives_a_clear_error_and_no_map(tmp_path: Path, default_model) -> None:
+    bag = write_bag(tmp_path / 'run.bag', route_frames(), storage='rosbag1')
+    data = bag.read_bytes()
+    bag.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BagReadError, match='corrupt|truncated'):
+        build_map(
+            default_model, [bag], '/camera/image_raw', '/odom', tmp_path / 'map', progress=False
+        )
+    assert not (tmp_path / 'map').exists()
+
+
+def test_cli_lists_the_topics_when_one_is_missing(tmp_path: Path, capsys) -> None:
+    bag = write_bag(tmp_path / 'bag', route_frames(2))
+    code = build_map_main(
+        [
+            '--bag',
+            str(bag),
+            '--image-topic',
+            '/nope',
+            '--pose-topic',
+            '/odom',
+            '--out',
+            str(tmp_path / 'map'),
+            '--no-progress',
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert '/nope' in err and '/camera/image_raw' in err
+    assert not (tmp_path / 'map').exists()
+
+
+def test_cli_reads_options_from_a_yaml_file(tmp_path: Path, capsys) -> None:
+    bag = write_bag(tmp_path / 'bag', route_frames(4), storage='mcap')
+    params = tmp_path / 'params.yaml'
+    params.write_text(
+        'build_map:\n  ros__parameters:\n    image_topic: /camera/image_raw\n'
+        '    pose_topic: /odom\n    min_distance_m: 0.1\n'
+    )
+    code = build_map_main(
+        [
+            '--params',
+            str(params),
+            '--bag',
+            str(bag),
+            '--out',
+            str(tmp_path / 'map'),
+            '--no-progress',
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert len(PlaceDatabase.load(tmp_path / 'map')) == 4
+    assert 'keyframes kept:     4' in capsys.readouterr().out

@@ -1,0 +1,191 @@
+"""Building a place database from frames: keyframes -> descriptors -> map.
+
+``build_map`` is the core of the ``build_map`` command; the live map-builder node uses
+``MapBuilder`` directly, frame by frame.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vpr_ros import logger
+from vpr_ros.bagio import count_messages, read_frames
+from vpr_ros.database import PlaceDatabase, place_records
+from vpr_ros.errors import BagReadError
+from vpr_ros.extraction import Extractor
+from vpr_ros.keyframes import KeyframeSelector
+from vpr_ros.models.base import VprModel
+from vpr_ros.types import Frame, SkipCounter
+
+DEFAULT_BUILD_CONF = {
+    'keyframes': {'min_distance_m': 1.0, 'min_rotation_deg': 15.0, 'max_interval_s': None},
+    'max_pose_gap_s': 0.5,  # images with no pose within this gap are skipped
+    'batch_size': 8,
+    'store_local_features': True,  # needed for re-ranking; about L * C * 2 bytes a place
+    'index': {'type': 'flat'},
+}
+
+
+@dataclass
+class BuildSummary:
+    """What a map build read, kept and skipped."""
+
+    messages_read: int = 0
+    keyframes: int = 0
+    not_keyframes: int = 0
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+    places_in_map: int = 0
+    map_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.messages_read / self.seconds if self.seconds > 0 else 0.0
+
+    def report(self) -> str:
+        return '\n'.join(
+            [
+                f'messages read:      {self.messages_read}',
+                f'keyframes kept:     {self.keyframes}',
+                f'not keyframes:      {self.not_keyframes} (too close to the previous keyframe)',
+                f'frames skipped:     {self.skipped.total} ({self.skipped.summary()})',
+                f'places in map:      {self.places_in_map}',
+                f'map size:           {self.map_bytes / 1e6:.2f} MB',
+                f'speed:              {self.images_per_second:.1f} images/s '
+                f'({self.seconds:.1f} s)',
+            ]
+        )
+
+
+class MapBuilder:
+    """Accumulates keyframes of one or more traverses into a ``PlaceDatabase``.
+
+    Args:
+        model: the descriptor model.
+        conf: overrides of ``DEFAULT_BUILD_CONF``.
+        database: an existing map to append to (same model), or None for a new one.
+        num_threads: torch threads.
+    """
+
+    def __init__(
+        self,
+        model: VprModel,
+        conf: dict | None = None,
+        *,
+        database: PlaceDatabase | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        self.conf = {**DEFAULT_BUILD_CONF, **(conf or {})}
+        self.model = model
+        self.extractor = Extractor(
+            model, batch_size=int(self.conf['batch_size']), num_threads=num_threads
+        )
+        if database is not None:
+            database.check_model(model.identity(), what='the model building on it')
+        self.database = database or PlaceDatabase.empty(
+            model.identity(),
+            with_local=bool(self.conf['store_local_features']),
+            index_conf=self.conf['index'],
+        )
+        self.selector = KeyframeSelector(**self.conf['keyframes'])
+        self.traverse = self.database.next_traverse()
+        self._pending: list[Frame] = []
+
+    def start_traverse(self) -> None:
+        """Begin a new traverse (a new bag or recording): keyframe order restarts."""
+        self.flush()
+        if len(self.database) and (self.database.places['traverse'] == self.traverse).any():
+            self.traverse += 1
+        self.selector.reset()
+
+    def offer(self, frame: Frame) -> bool:
+        """Consider one frame; returns whether it was kept as a keyframe."""
+        if not self.selector.accept(frame.stamp_ns, frame.pose):
+            return False
+        self._pending.append(frame)
+        if len(self._pending) >= self.extractor.batch_size:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Describe the pending keyframes and add them to the map."""
+        if not self._pending:
+            return
+        frames, self._pending = self._pending, []
+        descriptors = self.extractor.extract([f.image for f in frames])
+        rows = place_records(
+            frames, first_id=self.database.next_place_id(), traverse=self.traverse
+        )
+        local = descriptors.local_features if self.database.local_features is not None else None
+        self.database.add(descriptors.global_descriptors, rows, local)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        self.flush()
+        return self.database.save(path)
+
+
+def build_map(
+    model: VprModel,
+    bags: Sequence[str | os.PathLike],
+    image_topic: str,
+    pose_topic: str | None,
+    out_dir: str | os.PathLike,
+    *,
+    conf: dict | None = None,
+    append: bool = False,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> BuildSummary:
+    """Build (or extend) the map at ``out_dir`` from bags; each bag is one traverse.
+
+    Nothing is written unless every bag was read completely: a corrupt bag raises
+    ``BagReadError`` and leaves ``out_dir`` as it was.
+    """
+    start = time.perf_counter()
+    database = None
+    if append and Path(out_dir).exists():
+        database = PlaceDatabase.load(out_dir, expected_model=model.identity(), mmap=False)
+        logger.info('appending to %r (%d places)', str(out_dir), len(database))
+    builder = MapBuilder(model, conf, database=database, num_threads=num_threads)
+    places_before = len(builder.database)
+    summary = BuildSummary()
+    total = count_messages(list(bags), image_topic)
+    frames_read = 0
+    with tqdm(total=total, unit='img', desc='build_map', disable=not progress) as bar:
+        for bag in bags:
+            builder.start_traverse()
+            frames = read_frames(
+                [bag],
+                image_topic,
+                pose_topic,
+                max_pose_gap_s=float(builder.conf['max_pose_gap_s']),
+                skips=summary.skipped,
+            )
+            for frame in frames:
+                frames_read += 1
+                if builder.offer(frame):
+                    summary.keyframes += 1
+                else:
+                    summary.not_keyframes += 1
+                bar.update(frames_read + summary.skipped.total - bar.n)
+    # Skipped frames (no pose, undecodable) are messages read too.
+    summary.messages_read = frames_read + summary.skipped.total
+    builder.flush()
+    if len(builder.database) == places_before:
+        msg = (
+            f'no usable frames in {[str(b) for b in bags]!r} '
+            f'({summary.messages_read} images, skipped: {summary.skipped.summary()}); '
+            'nothing written. Check --pose-topic and --max-pose-gap-s'
+        )
+        raise BagReadError(msg)
+    path = builder.save(out_dir)
+    summary.places_in_map = len(builder.database)
+    summary.map_bytes = sum(f.stat().st_size for f in path.iterdir())
+    summary.seconds = time.perf_counter() - start
+    return summary
