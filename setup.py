@@ -34,7 +34,11 @@ setup(
         'tqdm',
         'matplotlib',
     ],
-    extras_require={'test': ['pytest', 'pytest-timeout', 'ruff']},
+    extras_require={
+        'test': ['pytest', 'pytest-timeout', 'ruff'],
+        # Real photos for the demo's generated route (skimage ships them in its wheel).
+        'demo': ['scikit-image'],
+    },
     zip_safe=True,
     maintainer='vpr_ros maintainers',
     maintainer_email='maintainers@vpr-ros.invalid',

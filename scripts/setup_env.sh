@@ -39,7 +39,7 @@ fi
 # torch pins again as constraints so nothing below can move them.
 constraints="$(mktemp)"
 printf '%s\n' "${torch_pins[@]}" >"$constraints"
-"${pip[@]}" install -c "$constraints" -e "$root[test]"
+"${pip[@]}" install -c "$constraints" -e "$root[test,demo]"
 rm -f "$constraints"
 rm -f "$venv"/.vpr_ros_setup_*
 touch "$stamp"

@@ -42,3 +42,22 @@ def default_model():
     from vpr_ros.models import DEFAULT_MODEL, load_model
 
     return load_model(DEFAULT_MODEL)
+
+
+_domain_offset = iter(range(1000))
+
+
+def ros_environment() -> dict[str, str]:
+    """Environment for a ROS process of one test: loopback only and a domain of its own.
+
+    Domain ids are spread by process id so that parallel test runs on one machine do not
+    see each other's nodes.
+    """
+    domain = 1 + (os.getpid() * 7 + next(_domain_offset)) % 100
+    env = dict(os.environ)
+    env.update(
+        ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
+        ROS_DOMAIN_ID=str(domain),
+        PYTHONUNBUFFERED='1',
+    )
+    return env

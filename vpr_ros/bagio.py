@@ -248,15 +248,40 @@ def _stamp_ns(msg: Any, receive_ns: int) -> int:
     return ns if ns != 0 else int(receive_ns)
 
 
-class _NavSatOrigin:
+class NavSatOrigin:
     """Lazily fixed local tangent plane shared by all bags of one read."""
 
     def __init__(self, origin: tuple[float, float, float] | None) -> None:
         self.plane = None if origin is None else LocalTangentPlane(*origin)
 
 
+def pose_sample(
+    msg: Any, msgtype: str, navsat: NavSatOrigin
+) -> tuple[tuple[float, float, float], tuple[float, float, float, float]] | None:
+    """Position and orientation (x, y, z, w) of one pose message, of any of ``POSE_TYPES``.
+
+    Works on rosbags and rclpy messages alike. NavSatFix becomes local ENU metres around
+    ``navsat``'s origin (set by the first fix) with identity orientation; a NavSatFix
+    without a fix gives ``None``.
+    """
+    if msgtype == POSE_TYPES['navsat']:
+        lat, lon, alt = float(msg.latitude), float(msg.longitude), float(msg.altitude)
+        if int(msg.status.status) < 0 or not (math.isfinite(lat) and math.isfinite(lon)):
+            return None
+        if navsat.plane is None:
+            navsat.plane = LocalTangentPlane(lat, lon, alt if math.isfinite(alt) else 0.0)
+            logger.info('NavSatFix ENU origin (lat, lon, alt) = %r', navsat.plane.origin)
+        if not math.isfinite(alt):
+            alt = navsat.plane.origin[2]
+        east, north, up = navsat.plane.to_enu(lat, lon, alt).tolist()
+        return (east, north, up), (0.0, 0.0, 0.0, 1.0)
+    pose = msg.pose if msgtype == POSE_TYPES['pose_stamped'] else msg.pose.pose
+    p, q = pose.position, pose.orientation
+    return (float(p.x), float(p.y), float(p.z)), (float(q.x), float(q.y), float(q.z), float(q.w))
+
+
 def _read_track(
-    reader: AnyReader, path: Path, connections: list[Connection], navsat: _NavSatOrigin
+    reader: AnyReader, path: Path, connections: list[Connection], navsat: NavSatOrigin
 ) -> tuple[PoseTrack, str]:
     """Read all poses of one topic of one bag (one pass) into a track."""
     stamps: list[int] = []
@@ -268,31 +293,18 @@ def _read_track(
     zero_quaternions = 0
     bad_positions = 0
     for connection, receive_ns, msg in iter_messages(reader, connections, path):
-        if connection.msgtype == POSE_TYPES['navsat']:
-            lat, lon, alt = float(msg.latitude), float(msg.longitude), float(msg.altitude)
-            if int(msg.status.status) < 0 or not (math.isfinite(lat) and math.isfinite(lon)):
-                no_fix += 1
-                continue
-            if navsat.plane is None:
-                navsat.plane = LocalTangentPlane(lat, lon, alt if math.isfinite(alt) else 0.0)
-                logger.info('NavSatFix ENU origin (lat, lon, alt) = %r', navsat.plane.origin)
-            if not math.isfinite(alt):
-                alt = navsat.plane.origin[2]
-            east, north, up = navsat.plane.to_enu(lat, lon, alt).tolist()
-            position = (east, north, up)
+        sample = pose_sample(msg, connection.msgtype, navsat)
+        if sample is None:
+            no_fix += 1
+            continue
+        position, quaternion = sample
+        if not all(math.isfinite(v) for v in position):
+            bad_positions += 1
+            continue
+        norm = math.sqrt(sum(v * v for v in quaternion))
+        if not (math.isfinite(norm) and norm > 1e-9):
+            zero_quaternions += 1
             quaternion = (0.0, 0.0, 0.0, 1.0)
-        else:
-            pose = msg.pose if connection.msgtype == POSE_TYPES['pose_stamped'] else msg.pose.pose
-            p, q = pose.position, pose.orientation
-            position = (float(p.x), float(p.y), float(p.z))
-            quaternion = (float(q.x), float(q.y), float(q.z), float(q.w))
-            norm = math.sqrt(sum(v * v for v in quaternion))
-            if not all(math.isfinite(v) for v in position):
-                bad_positions += 1
-                continue
-            if not (math.isfinite(norm) and norm > 1e-9):
-                zero_quaternions += 1
-                quaternion = (0.0, 0.0, 0.0, 1.0)
         stamps.append(_stamp_ns(msg, receive_ns))
         positions.append(position)
         quaternions.append(quaternion)
@@ -395,7 +407,7 @@ def read_frames(
         pose_topic,
         max_gap_ns,
         skips if skips is not None else SkipCounter(),
-        _NavSatOrigin(navsat_origin),
+        NavSatOrigin(navsat_origin),
     )
 
 
@@ -405,7 +417,7 @@ def _generate_frames(
     pose_topic: str | None,
     max_gap_ns: int,
     skips: SkipCounter,
-    navsat: _NavSatOrigin,
+    navsat: NavSatOrigin,
 ) -> Iterator[Frame]:
     for path in paths:
         with open_bag(path) as reader:

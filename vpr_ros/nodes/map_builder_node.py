@@ -1,0 +1,228 @@
+"""map_builder: build a place database live from camera and pose topics.
+
+Images wait (in a small bounded buffer) until a pose after their stamp has arrived, get
+the pose interpolated at their stamp, pass the keyframe rule and are described by a
+worker thread, so the executor never blocks on the model. The map is saved atomically on
+``~/save`` (std_srvs/Trigger) and on shutdown.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from collections import deque
+
+import numpy as np
+import rclpy
+from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
+from nav_msgs.msg import Odometry
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, NavSatFix
+from std_srvs.srv import Trigger
+
+from vpr_ros.bagio import POSE_TYPES, NavSatOrigin, pose_sample
+from vpr_ros.database import PlaceDatabase
+from vpr_ros.errors import ImageDecodeError, VprError
+from vpr_ros.geometry import PoseTrack
+from vpr_ros.images import msg_to_rgb
+from vpr_ros.mapping import DEFAULT_BUILD_CONF, MapBuilder
+from vpr_ros.models import DEFAULT_MODEL, load_model
+from vpr_ros.types import Frame
+
+POSE_MSG_CLASSES = {
+    'odometry': Odometry,
+    'pose_stamped': PoseStamped,
+    'pose_cov': PoseWithCovarianceStamped,
+    'navsat': NavSatFix,
+}
+POSE_HISTORY = 2000  # pose samples kept for interpolation
+PENDING_IMAGES = 30  # images waiting for a later pose; the oldest is dropped beyond this
+
+
+def _stamp_ns(header) -> int:
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+class MapBuilderNode(Node):
+    """Subscribes to a camera and a pose topic and grows a map."""
+
+    def __init__(self) -> None:
+        super().__init__('map_builder')
+        kf = DEFAULT_BUILD_CONF['keyframes']
+        p = self._declare
+        self.map_dir = p('map_dir', '', 'directory the map is saved to (required)')
+        model_name = p('model', DEFAULT_MODEL, 'model name or exported model path')
+        image_topic = p('image_topic', 'image', 'camera topic')
+        compressed = p('compressed', False, 'camera topic is sensor_msgs/CompressedImage')
+        pose_topic = p('pose_topic', 'odom', 'pose topic')
+        self.pose_type = p('pose_type', 'odometry', f'one of {sorted(POSE_MSG_CLASSES)}')
+        min_distance = p('min_distance_m', kf['min_distance_m'], 'keyframe distance (m)')
+        min_rotation = p('min_rotation_deg', kf['min_rotation_deg'], 'keyframe rotation (deg)')
+        max_interval = p('max_interval_s', 0.0, 'keyframe after this many s (0: off)')
+        self.max_gap_ns = int(
+            p('max_pose_gap_s', DEFAULT_BUILD_CONF['max_pose_gap_s'], 'pose gap (s)') * 1e9
+        )
+        append = p('append', False, 'extend an existing map at map_dir')
+        threads = p('num_threads', 2, 'torch CPU threads')
+        if not self.map_dir:
+            raise VprError('parameter map_dir is required (-p map_dir:=/path/to/map)')
+        if self.pose_type not in POSE_MSG_CLASSES:
+            raise VprError(
+                f'pose_type {self.pose_type!r} is not one of {sorted(POSE_MSG_CLASSES)}'
+            )
+
+        model = load_model(model_name)
+        database = None
+        if append:
+            database = PlaceDatabase.load(
+                self.map_dir, expected_model=model.identity(), mmap=False
+            )
+        conf = {
+            'keyframes': {
+                'min_distance_m': min_distance,
+                'min_rotation_deg': min_rotation,
+                'max_interval_s': max_interval or None,
+            },
+            'batch_size': 1,
+        }
+        self.builder = MapBuilder(model, conf, database=database, num_threads=threads)
+        self.builder.start_traverse()
+        self._lock = threading.Lock()  # guards the builder (worker vs. save)
+        self._poses: deque = deque(maxlen=POSE_HISTORY)
+        self._pending: deque = deque()
+        self._navsat = NavSatOrigin(None)
+        self._pose_frame_id = ''
+        self._image_topic = image_topic
+        self._work: queue.Queue = queue.Queue(maxsize=64)
+        self.counts = {'images': 0, 'dropped': 0, 'undecodable': 0, 'no_pose': 0, 'keyframes': 0}
+
+        image_type = CompressedImage if compressed else Image
+        self.create_subscription(
+            image_type, image_topic, self.image_callback, qos_profile_sensor_data
+        )
+        self.create_subscription(
+            POSE_MSG_CLASSES[self.pose_type], pose_topic, self.pose_callback, 100
+        )
+        self.create_service(Trigger, '~/save', self.save_callback)
+        self._worker = threading.Thread(target=self._run_worker, daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f'building map {self.map_dir!r} from {image_topic!r} + {pose_topic!r} '
+            f'({self.pose_type}) with {model.identity().describe()}'
+        )
+
+    def _declare(self, name: str, default, description: str):
+        descriptor = ParameterDescriptor(description=description)
+        return self.declare_parameter(name, default, descriptor).value
+
+    def pose_callback(self, msg) -> None:
+        sample = pose_sample(msg, POSE_TYPES[self.pose_type], self._navsat)
+        if sample is None:
+            return
+        self._poses.append((_stamp_ns(msg.header), *sample))
+        self._pose_frame_id = msg.header.frame_id
+        self._resolve_pending()
+
+    def image_callback(self, msg) -> None:
+        self.counts['images'] += 1
+        self._pending.append(msg)
+        while len(self._pending) > PENDING_IMAGES:
+            self._pending.popleft()
+            self.counts['no_pose'] += 1
+        self._resolve_pending()
+
+    def _resolve_pending(self) -> None:
+        """Give waiting images their pose once a pose at or after their stamp exists."""
+        if not self._poses:
+            return
+        newest = self._poses[-1][0]
+        ready = []
+        while self._pending and _stamp_ns(self._pending[0].header) <= newest:
+            ready.append(self._pending.popleft())
+        if not ready:
+            return
+        stamps, positions, quaternions = zip(*self._poses)
+        track = PoseTrack(np.array(stamps), np.array(positions), np.array(quaternions))
+        for msg in ready:
+            stamp = _stamp_ns(msg.header)
+            pose = track.interpolate(stamp, self.max_gap_ns)
+            if pose is None:
+                self.counts['no_pose'] += 1
+                continue
+            try:
+                image = msg_to_rgb(msg)
+            except ImageDecodeError as err:
+                self.counts['undecodable'] += 1
+                self.get_logger().warning(f'skipping frame: {err}', throttle_duration_sec=5.0)
+                continue
+            frame = Frame(
+                image,
+                stamp,
+                frame_id=msg.header.frame_id,
+                pose=pose,
+                pose_frame_id=self._pose_frame_id,
+                topic=self._image_topic,
+            )
+            try:
+                self._work.put_nowait(frame)
+            except queue.Full:
+                self.counts['dropped'] += 1
+
+    def _run_worker(self) -> None:
+        while True:
+            frame = self._work.get()
+            if frame is None:
+                return
+            with self._lock:
+                if self.builder.offer(frame):
+                    self.counts['keyframes'] += 1
+                    self.builder.flush()
+
+    def save(self) -> str:
+        with self._lock:
+            self.builder.flush()
+            if not len(self.builder.database):
+                return 'no keyframes yet; nothing saved'
+            path = self.builder.save(self.map_dir)
+            return f'saved {len(self.builder.database)} places to {str(path)!r} ({self.counts})'
+
+    def save_callback(self, request, response):
+        try:
+            response.message = self.save()
+            response.success = True
+        except (VprError, OSError) as err:
+            response.success, response.message = False, f'save failed: {err}'
+        self.get_logger().info(response.message)
+        return response
+
+    def shutdown(self) -> None:
+        self._work.put(None)
+        self._worker.join(timeout=30)
+        message = self.save()
+        self.get_logger().info(f'on shutdown: {message}')
+
+
+def main(args=None) -> None:
+    rclpy.init(args=args)
+    try:
+        node = MapBuilderNode()
+    except (VprError, FileNotFoundError) as err:
+        rclpy.logging.get_logger('map_builder').fatal(str(err))
+        rclpy.try_shutdown()
+        sys.exit(1)
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main()
