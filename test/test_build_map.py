@@ -61,10 +61,10 @@ def test_build_map_keeps_one_place_per_metre_with_interpolated_poses(
     assert len(database) == summary.keyframes == 4
     np.testing.assert_allclose(database.places['x'], [0.0, 1.2, 2.4, 3.6], atol=0.05)
     assert list(database.places['msg_index']) == [0, 2, 4, 6]
-    assert database.local_features.shape[1:] == (
-        database.local_features.shape[1],
-        default_model.local_dim,
-    )
+    assert database.local_features.shape[2] == default_model.local_dim
+    # Patch-normalised 64x32 pixels per place, for sequence matching.
+    assert database.sequence_descriptors.shape == (4, 64 * 32)
+    assert database.sequence_conf == {'image_size': [64, 32], 'patch': 8}
 
 
 def test_appending_a_second_bag_adds_a_traverse(tmp_path: Path, default_model) -> None:

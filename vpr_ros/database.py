@@ -6,6 +6,8 @@ On disk a map is a directory::
     places.npy                 structured array, one row per place (see PLACE_DTYPE)
     global_descriptors.npy     (N, D) float32, L2-normalised
     local_features.npy         (N, L, C) float16, L2-normalised per location (optional)
+    sequence_descriptors.npy   (N, S) float16 cheap image descriptors for sequence
+                               matching (optional; see vpr_ros.sequence)
     index.faiss                faiss index over the global descriptors
 
 Everything is plain numpy (``allow_pickle=False``), JSON and faiss, so a map reads
@@ -40,6 +42,7 @@ MANIFEST = 'manifest.json'
 PLACES_FILE = 'places.npy'
 GLOBAL_FILE = 'global_descriptors.npy'
 LOCAL_FILE = 'local_features.npy'
+SEQUENCE_FILE = 'sequence_descriptors.npy'
 INDEX_FILE = 'index.faiss'
 
 # One row per place. Poses are in ``frame_id`` (the map frame); ``traverse`` numbers the
@@ -84,6 +87,16 @@ def place_records(frames: Sequence[Frame], *, first_id: int = 0, traverse: int =
     return rows
 
 
+def _concatenate(existing: np.ndarray, new: np.ndarray, what: str) -> np.ndarray:
+    """Append rows; an empty array takes the new rows' shape."""
+    if len(existing) == 0:
+        return new
+    if new.shape[1:] != existing.shape[1:]:
+        msg = f'{what} of shape {new.shape[1:]!r} cannot join a map with {existing.shape[1:]!r}'
+        raise DatabaseError(msg)
+    return np.concatenate([existing, new])
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open('rb') as stream:
@@ -112,6 +125,8 @@ class PlaceDatabase:
         *,
         index_conf: dict | None = None,
         index: faiss.Index | None = None,
+        sequence_descriptors: np.ndarray | None = None,
+        sequence_conf: dict | None = None,
     ) -> None:
         if global_descriptors.ndim != 2 or global_descriptors.shape[1] != model.global_dim:
             msg = (
@@ -127,7 +142,13 @@ class PlaceDatabase:
         ):
             msg = f'local features of shape {local_features.shape!r} for {len(places)} places'
             raise DatabaseError(msg)
+        if sequence_descriptors is not None and len(sequence_descriptors) != len(places):
+            msg = f'{len(sequence_descriptors)} sequence descriptors for {len(places)} places'
+            raise DatabaseError(msg)
         self.model = model
+        self.sequence_descriptors = sequence_descriptors
+        # How the sequence descriptors were made (vpr_ros.sequence settings), or None.
+        self.sequence_conf = dict(sequence_conf) if sequence_conf else None
         self.global_descriptors = np.ascontiguousarray(global_descriptors, np.float32)
         self.places = places.astype(PLACE_DTYPE, copy=False)
         self.local_features = local_features
@@ -138,9 +159,15 @@ class PlaceDatabase:
 
     @classmethod
     def empty(
-        cls, model: ModelIdentity, *, with_local: bool = True, index_conf: dict | None = None
+        cls,
+        model: ModelIdentity,
+        *,
+        with_local: bool = True,
+        index_conf: dict | None = None,
+        sequence_conf: dict | None = None,
     ) -> PlaceDatabase:
-        """A map with no places yet, for ``add``."""
+        """A map with no places yet, for ``add``; with ``sequence_conf``, places also
+        carry sequence descriptors made with those settings."""
         local = np.zeros((0, 0, model.local_dim), np.float16) if with_local else None
         return cls(
             model,
@@ -148,6 +175,8 @@ class PlaceDatabase:
             np.zeros(0, PLACE_DTYPE),
             local,
             index_conf=index_conf,
+            sequence_descriptors=np.zeros((0, 0), np.float16) if sequence_conf else None,
+            sequence_conf=sequence_conf,
         )
 
     def __len__(self) -> int:
@@ -174,6 +203,7 @@ class PlaceDatabase:
         global_descriptors: np.ndarray,
         places: np.ndarray,
         local_features: np.ndarray | None = None,
+        sequence_descriptors: np.ndarray | None = None,
     ) -> None:
         """Append places (descriptors from the same model as the map)."""
         if global_descriptors.shape[1:] != (self.model.global_dim,):
@@ -184,6 +214,8 @@ class PlaceDatabase:
             raise DatabaseError(msg)
         if (self.local_features is None) != (local_features is None):
             raise DatabaseError('add local features to a map exactly when it has them')
+        if (self.sequence_descriptors is None) != (sequence_descriptors is None):
+            raise DatabaseError('add sequence descriptors to a map exactly when it has them')
         places = places.astype(PLACE_DTYPE, copy=True)
         if len(np.intersect1d(places['place_id'], self.places['place_id'])):
             raise DatabaseError('place ids must be unique; use next_place_id()')
@@ -193,16 +225,15 @@ class PlaceDatabase:
         self.places = np.concatenate([self.places, places])
         if local_features is not None:
             local_features = np.asarray(local_features, np.float16)
-            if len(self.local_features) == 0:
-                self.local_features = local_features
-            else:
-                if local_features.shape[1:] != self.local_features.shape[1:]:
-                    msg = (
-                        f'local features of shape {local_features.shape[1:]!r} cannot join '
-                        f'a map with {self.local_features.shape[1:]!r}'
-                    )
-                    raise DatabaseError(msg)
-                self.local_features = np.concatenate([self.local_features, local_features])
+            self.local_features = _concatenate(
+                self.local_features, local_features, 'local features'
+            )
+        if sequence_descriptors is not None:
+            self.sequence_descriptors = _concatenate(
+                self.sequence_descriptors,
+                np.asarray(sequence_descriptors, np.float16),
+                'sequence descriptors',
+            )
         self.index.add(np.ascontiguousarray(global_descriptors, np.float32))
 
     def next_place_id(self) -> int:
@@ -214,10 +245,18 @@ class PlaceDatabase:
     def extend(self, other: PlaceDatabase) -> None:
         """Append another map's places (same model), renumbering ids and traverses."""
         self.check_model(other.model, what='the appended map')
+        if self.sequence_conf != other.sequence_conf:
+            msg = (
+                f'the appended map has sequence descriptors {other.sequence_conf!r}, this map '
+                f'{self.sequence_conf!r}; build both with the same settings'
+            )
+            raise DatabaseError(msg)
         places = other.places.copy()
         places['place_id'] = places['place_id'] - places['place_id'].min() + self.next_place_id()
         places['traverse'] += self.next_traverse()
-        self.add(other.global_descriptors, places, other.local_features)
+        self.add(
+            other.global_descriptors, places, other.local_features, other.sequence_descriptors
+        )
 
     # -- retrieval ----------------------------------------------------------------------
 
@@ -267,6 +306,8 @@ class PlaceDatabase:
         files = {PLACES_FILE: self.places, GLOBAL_FILE: self.global_descriptors}
         if self.local_features is not None:
             files[LOCAL_FILE] = np.asarray(self.local_features, np.float16)
+        if self.sequence_descriptors is not None:
+            files[SEQUENCE_FILE] = np.asarray(self.sequence_descriptors, np.float16)
         for name, array in files.items():
             with (directory / name).open('wb') as stream:
                 np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
@@ -289,6 +330,7 @@ class PlaceDatabase:
             'place_count': len(self),
             'global': {'dim': int(self.model.global_dim), 'dtype': 'float32'},
             'local': local,
+            'sequence': self.sequence_conf,
             'index': self.index_conf,
             'files': {
                 name: {
@@ -354,6 +396,9 @@ class PlaceDatabase:
                 local = np.load(
                     path / LOCAL_FILE, mmap_mode='r' if mmap else None, allow_pickle=False
                 )
+            sequence = None
+            if SEQUENCE_FILE in manifest['files']:
+                sequence = np.load(path / SEQUENCE_FILE, allow_pickle=False)
             index = faiss.read_index(str(path / INDEX_FILE))
         except (ValueError, OSError, RuntimeError) as err:
             raise DatabaseError(f'cannot read map {str(path)!r}: {err}') from err
@@ -372,8 +417,17 @@ class PlaceDatabase:
             len(local) != count or local.shape[2] != manifest['local']['dim']
         ):
             raise DatabaseError(f'map {str(path)!r}: local features do not match the manifest')
+        if sequence is not None and len(sequence) != count:
+            raise DatabaseError(f'map {str(path)!r}: sequence descriptors do not match the places')
         return cls(
-            model, global_descriptors, places, local, index_conf=manifest['index'], index=index
+            model,
+            global_descriptors,
+            places,
+            local,
+            index_conf=manifest['index'],
+            index=index,
+            sequence_descriptors=sequence,
+            sequence_conf=manifest.get('sequence'),
         )
 
     @staticmethod

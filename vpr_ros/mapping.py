@@ -21,6 +21,7 @@ from vpr_ros.errors import BagReadError
 from vpr_ros.extraction import Extractor
 from vpr_ros.keyframes import KeyframeSelector
 from vpr_ros.models.base import VprModel
+from vpr_ros.sequence import patch_normalised_descriptor
 from vpr_ros.types import Frame, SkipCounter
 
 DEFAULT_BUILD_CONF = {
@@ -28,6 +29,9 @@ DEFAULT_BUILD_CONF = {
     'max_pose_gap_s': 0.5,  # images with no pose within this gap are skipped
     'batch_size': 8,
     'store_local_features': True,  # needed for re-ranking; about L * C * 2 bytes a place
+    # Patch-normalised pixels per place for sequence matching (vpr_ros.sequence); about
+    # 4 KB a place at 64x32. None: not stored.
+    'sequence_descriptors': {'image_size': [64, 32], 'patch': 8},
     'index': {'type': 'flat'},
 }
 
@@ -92,6 +96,7 @@ class MapBuilder:
             model.identity(),
             with_local=bool(self.conf['store_local_features']),
             index_conf=self.conf['index'],
+            sequence_conf=self.conf['sequence_descriptors'],
         )
         self.selector = KeyframeSelector(**self.conf['keyframes'])
         self.traverse = self.database.next_traverse()
@@ -123,7 +128,13 @@ class MapBuilder:
             frames, first_id=self.database.next_place_id(), traverse=self.traverse
         )
         local = descriptors.local_features if self.database.local_features is not None else None
-        self.database.add(descriptors.global_descriptors, rows, local)
+        sequence = None
+        if self.database.sequence_conf is not None:
+            settings = self.database.sequence_conf
+            sequence = patch_normalised_descriptor(
+                [f.image for f in frames], tuple(settings['image_size']), int(settings['patch'])
+            )
+        self.database.add(descriptors.global_descriptors, rows, local, sequence)
 
     def save(self, path: str | os.PathLike) -> Path:
         self.flush()

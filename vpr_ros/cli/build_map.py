@@ -100,6 +100,12 @@ def make_parser() -> argparse.ArgumentParser:
         action='store_true',
         help='do not store local features (smaller map, no re-ranking)',
     )
+    parser.add_argument(
+        '--no-sequence-descriptors',
+        action='store_true',
+        help='do not store patch-normalised pixels per place (about 4 KB a place; sequence '
+        'matching then needs its global-descriptor variant)',
+    )
     parser.add_argument('--batch-size', type=int, default=DEFAULT_BUILD_CONF['batch_size'])
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -120,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             'max_pose_gap_s': args.max_pose_gap_s,
             'batch_size': args.batch_size,
             'store_local_features': not args.no_local_features,
+            'sequence_descriptors': (
+                None
+                if args.no_sequence_descriptors
+                else DEFAULT_BUILD_CONF['sequence_descriptors']
+            ),
             'index': {'type': args.index},
         }
         logger.info('build_map conf: %s', conf)
