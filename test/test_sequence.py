@@ -11,6 +11,7 @@ from vpr_ros.sequence import (
     SequenceMatcher,
     check_sequence_conf,
     match_traverse,
+    null_evidence,
     patch_normalised_descriptor,
     sequence_image_descriptors,
 )
@@ -89,6 +90,57 @@ def test_a_query_route_that_leaves_the_map_is_not_accepted(memory: str) -> None:
     # sequence length for the window, two for decay); from then on nothing is accepted
     # (off the map, about 1 frame in 1,000 reaches the default threshold by chance).
     assert accepted[60 + 2 * 10 :].sum() <= 1
+
+
+@pytest.mark.parametrize('memory', MEMORIES)
+def test_a_small_map_does_not_accept_a_route_it_never_saw(memory: str) -> None:
+    rng = np.random.default_rng(10)
+    # An office floor: 24 keyframes, so an exclusion window of 10 leaves 3 to 13 places to
+    # compete with any match.
+    map_descriptors = _random_map(rng, 24)
+    never_visited = _observe(rng, _random_map(rng, 60), np.arange(60))
+    threshold = DEFAULT_SEQUENCE_CONF['min_confidence']
+    conf = {'memory': memory, 'length': 10}
+    _, _, confidence = match_traverse(never_visited, map_descriptors, conf=conf)
+    assert np.sum(confidence[5:] >= threshold) <= 1
+
+    # The best of 24 trajectories beats the best of those few by chance: compared with
+    # them alone (the relative confidence), many of these frames would be accepted.
+    relative_only = {**conf, 'null_quantile': 0.0}
+    _, _, relative = match_traverse(never_visited, map_descriptors, conf=relative_only)
+    assert np.mean(relative[5:] >= threshold) > 0.3
+
+    # The route the map knows is still accepted once a few frames are in.
+    places = np.arange(24)
+    best, _, confidence = match_traverse(_observe(rng, map_descriptors, places), map_descriptors)
+    assert np.all(confidence[6:] >= threshold)
+    assert np.all(np.abs(best[6:] - places[6:]) <= 1)
+
+
+def test_a_map_within_one_exclusion_window_is_judged_by_chance_level_alone() -> None:
+    rng = np.random.default_rng(11)
+    map_descriptors = _random_map(rng, 11)  # no place is outside any match's window
+    threshold = DEFAULT_SEQUENCE_CONF['min_confidence']
+    places = np.arange(11)
+    best, _, confidence = match_traverse(_observe(rng, map_descriptors, places), map_descriptors)
+    assert np.all(confidence[4:] >= threshold)
+    assert np.all(np.abs(best[4:] - places[4:]) <= 1)
+    never_visited = _observe(rng, _random_map(rng, 60), np.arange(60))
+    _, _, confidence = match_traverse(never_visited, map_descriptors)
+    assert np.all(confidence < threshold)
+    # Without the chance level there is nothing to compare with, and no confidence.
+    _, _, relative = match_traverse(never_visited, map_descriptors, conf={'null_quantile': 0.0})
+    assert not relative.any()
+
+
+def test_null_evidence_is_the_quantile_of_the_best_of_n_standard_normals() -> None:
+    best_of_21 = np.random.default_rng(12).standard_normal((20_000, 21)).max(axis=1)
+    for quantile in (0.5, 0.9):
+        expected = np.quantile(best_of_21, quantile)
+        assert null_evidence(21, quantile) == pytest.approx(expected, abs=0.03)
+    assert null_evidence(1) == pytest.approx(0.0)
+    assert null_evidence(100_000) > null_evidence(3576) > null_evidence(21)
+    assert null_evidence(21, 0.0) == -np.inf
 
 
 @pytest.mark.parametrize('memory', MEMORIES)
@@ -217,6 +269,7 @@ def test_sequence_image_descriptors_follow_the_configuration() -> None:
         ({'length': 0}, 'length must be an integer >= 1'),
         ({'stop_penalty': -1.0}, 'stop_penalty must be a number >= 0'),
         ({'min_confidence': 1.5}, r'min_confidence must be in \[0, 1\]'),
+        ({'null_quantile': 1.0}, r'null_quantile must be in \[0, 1\)'),
         ({'image_size': [30, 16]}, 'image_size must be'),
     ],
 )

@@ -50,22 +50,56 @@ Per query frame:
 
 Scores and confidence. ``cost[j]`` is the best trajectory's weighted sum of enhanced
 differences ending at place j, lower is better; ``score = -cost / W`` (W the sum of the
-frame weights) is its mean z-score, higher is better. The confidence compares the best
-trajectory with the best one ending *elsewhere*: outside ``exclusion_window`` keyframes
-of it in its traverse and, when place positions are given, farther than
-``competitor_radius_m`` from it (so another traverse of the same route does not compete):
-``margin = (cost_elsewhere - cost_best) / sqrt(W2)``, W2 the sum of the squared frame
-weights, is the gap in standard deviations of a trajectory's cost under unit-variance
-noise, and ``confidence = 1 - exp(-margin / confidence_scale)``. On a route the map knows,
-the true trajectory beats all others by many noise units; off the map every trajectory is
-as good as chance, the margin stays small and the confidence below ``min_confidence``.
-With nothing elsewhere to compare with (a map within one exclusion window) it is 0.
+frame weights) is its mean z-score, higher is better. Its *evidence* ``E = -cost / sqrt(W2)``
+(W2 the sum of the squared frame weights) is the same sum in noise units: the enhanced
+differences of a query that shows none of the places are zero-mean, unit-variance z-scores,
+so under that null hypothesis a given trajectory's ``E`` is about a standard normal. The
+confidence is ``1 - exp(-margin / confidence_scale)``, the margin being how far ``E`` of the
+best trajectory exceeds the larger of two references, which together stand for the best
+trajectory an unrelated query would reach anywhere in the map:
+
+* **relative** (observed): the best trajectory ending *elsewhere*, outside
+  ``exclusion_window`` keyframes of the match in its traverse and, when place positions are
+  given, farther than ``competitor_radius_m`` from it (so another traverse of the same route
+  does not compete). On a route the map knows, the true trajectory beats them all by many
+  noise units; it also rejects perceptual aliasing (two places that both fit).
+* **absolute** (modelled): the places inside that region cannot be observed as competitors,
+  since the match sits among them; their best evidence under the null is the maximum of R
+  standard normals (R the region's places), of which the reference is the ``null_quantile``
+  (default the median): ``E_null(R) = Phi^-1(null_quantile ** (1 / R))``, 1.5 for 11
+  places, 1.85 for 21, computed in O(1).
+
+On a large map the observed competitors dominate (Nordland, 3,576 places: the best
+trajectory elsewhere typically reaches 3 noise units, ``E_null(21)`` is 1.85; R@1 does not
+change, recall at 100 % precision by less than a point). On a small map they are few and
+weak: 24 places and an exclusion window of 10 leave 3 to 13, and those at the start of the
+traverse end trajectories that had to stand still and paid the stop penalty every frame.
+There the best of all 24 trajectories beat them by many noise units even when no place
+matched, and the relative margin alone accepted a route the map never saw (generated maps of
+15 to 24 places, unrelated queries: 97 to 99 % of the frames with 'decay', 63 to 86 % with
+'window'); the modelled region restores the comparison with all N (maps of 15 to 200
+places: 'decay' accepted none of about 6,000 such frames, 'window', whose best trajectory
+is chosen afresh every frame, at most 0.6 %). A map within one exclusion window (11
+keyframes or fewer) has no competitors at all and is judged by the absolute part alone.
+With ``null_quantile: 0`` the confidence is the relative margin alone (and 0 with nothing
+elsewhere to compare with), as before.
+
+The absolute part assumes independent places; where neighbouring keyframes look alike
+(Nordland) the region holds fewer independent trajectories and ``E_null`` is a little high,
+which only errs towards lower confidence. Why not the raw similarity against the map's own
+inter-place similarity: a season change lowers every query-to-map similarity (Nordland:
+unrelated winter-to-summer pairs 0.075 on average, summer-to-summer 0.136, true pairs 0.26),
+so correct cross-season trajectories sit barely above the map's own level (at ``length``
+10, a quarter of them less than 2.8 noise units above it, as little as the best trajectory
+of a 24-place map for images it never saw); a test on it would reject them. The z-scores
+need no such model: their null distribution is known.
 
 Cost per frame: the search is vectorised over all N places, no retrieval preselection
 (so it cannot lose the true place to a bad single-frame ranking): O(N x D) for the
 distances, O(N x (max_step + 1)) per DP step ('decay': one step, 'window': one per kept
-frame). ``benchmarks/sequence_nordland.py`` prints the time per frame for 3,576 and
-100,000 places.
+frame), O(N) per returned match for its region and competitors; the chance level adds
+O(1) per match (one inverse normal CDF per region size, memoised).
+``benchmarks/sequence_nordland.py`` prints the time per frame for 3,576 and 100,000 places.
 """
 
 from __future__ import annotations
@@ -74,6 +108,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
+from statistics import NormalDist
 from typing import NamedTuple
 
 import cv2
@@ -97,6 +132,11 @@ DEFAULT_SEQUENCE_CONF: dict = {
     'exclusion_window': 10,  # keyframes each side of a match that do not compete with it
     'competitor_radius_m': 10.0,  # places nearer than this to a match do not compete with it
     'confidence_scale': 2.0,  # margin (noise units) at which confidence reaches 1 - 1/e
+    # Absolute part of the confidence: the match must also beat this quantile of the best
+    # evidence unrelated images reach over the places too near it to compete (the maximum
+    # of that many standard normals, in noise units); it guards small maps, where few
+    # places compete. 0 turns it off (relative confidence only).
+    'null_quantile': 0.5,
     'min_confidence': 0.6,  # matches below this are not accepted
     'top_k': 5,  # matches returned per frame (best first, one per exclusion window)
 }
@@ -108,7 +148,8 @@ class SequenceMatch(NamedTuple):
     ``place_index`` indexes the map's places (rows of the map descriptors); ``score`` is
     the mean enhanced similarity (z-score) of the trajectory ending there, higher is
     better; ``confidence`` in [0, 1) is how far the trajectory beats every trajectory
-    ending elsewhere (0 for any answer but the best).
+    ending elsewhere and what unrelated images reach by chance (0 for any answer but the
+    best).
     """
 
     place_index: int
@@ -203,6 +244,9 @@ def check_sequence_conf(conf: dict | None) -> dict:
             raise ConfigError(f'{key} must be a number >= 0, got {merged[key]!r}')
     if not _is_real(merged['confidence_scale']) or merged['confidence_scale'] <= 0:
         msg = f'confidence_scale must be a number > 0, got {merged["confidence_scale"]!r}'
+        raise ConfigError(msg)
+    if not _is_real(merged['null_quantile']) or not 0 <= merged['null_quantile'] < 1:
+        msg = f'null_quantile must be in [0, 1), got {merged["null_quantile"]!r}'
         raise ConfigError(msg)
     if not _is_real(merged['min_confidence']) or not 0 <= merged['min_confidence'] <= 1:
         msg = f'min_confidence must be in [0, 1], got {merged["min_confidence"]!r}'
@@ -336,6 +380,7 @@ class SequenceMatcher:
         self._half_step_in = self._slot_array(0.5 * step_in, pad)
         self._inverse_step_out = self._slot_array(1.0 / np.maximum(step_out, floor), pad)
 
+        self._null_levels: dict[int, float] = {}
         self._window: deque[tuple[np.ndarray, float, float]] = deque()
         self.reset()
 
@@ -483,9 +528,12 @@ class SequenceMatcher:
             if not math.isfinite(cost):
                 break
             region = self._region(place)
+            # Absolute: the evidence above the chance level of the places too near to
+            # compete (an infinite margin when null_quantile is 0).
+            margin = -cost / noise - self._null_evidence(int(region.sum()))
             competitors = place_costs[~region]
-            elsewhere = float(competitors.min()) if len(competitors) else math.inf
-            margin = (elsewhere - cost) / noise
+            if len(competitors):  # relative: the best trajectory elsewhere
+                margin = min(margin, (float(competitors.min()) - cost) / noise)
             if math.isinf(margin):
                 confidence = 0.0  # nothing to compare with: no evidence either way
             else:
@@ -494,6 +542,12 @@ class SequenceMatcher:
             matches.append(SequenceMatch(place, score, confidence))
             remaining[region] = np.inf
         return matches
+
+    def _null_evidence(self, num_places: int) -> float:
+        """``null_evidence`` of ``num_places`` at the configured quantile, memoised."""
+        if num_places not in self._null_levels:
+            self._null_levels[num_places] = null_evidence(num_places, self.conf['null_quantile'])
+        return self._null_levels[num_places]
 
     def _region(self, place: int) -> np.ndarray:
         """Mask of the places that agree with ``place`` (do not compete with it)."""
@@ -506,6 +560,27 @@ class SequenceMatcher:
             with np.errstate(invalid='ignore'):
                 mask |= distance < self.conf['competitor_radius_m']
         return mask
+
+
+def null_evidence(num_places: int, quantile: float = 0.5) -> float:
+    """What the best of ``num_places`` trajectories reaches when the query matches none.
+
+    Each trajectory's evidence (summed enhanced similarity in noise units) is then about a
+    standard normal, so the best of n is below ``e`` with probability ``Phi(e) ** n``; this
+    returns the ``e`` for which that probability is ``quantile``.
+
+    Args:
+        num_places: how many trajectories (end places) compete by chance.
+        quantile: in [0, 1); 0 gives -inf (no absolute test).
+
+    Returns:
+        The evidence level in noise units (0 for one place at the median, 1.85 for 21, 3.55
+        for 3,576).
+    """
+    if quantile <= 0.0 or num_places < 1:
+        return -math.inf
+    upper_tail = -math.expm1(math.log(quantile) / num_places)  # 1 - quantile ** (1 / n)
+    return -NormalDist().inv_cdf(upper_tail)
 
 
 def match_traverse(

@@ -1,0 +1,97 @@
+"""The ROS-free relocalization pipeline: single frames and sequences, on a known route."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import synthetic_place, viewed_again
+
+from vpr_ros.errors import ConfigError, DatabaseError
+from vpr_ros.mapping import MapBuilder
+from vpr_ros.models import load_model
+from vpr_ros.relocalization import Relocalizer
+from vpr_ros.types import Frame, Pose
+
+ROUTE = 24
+SIZE = (60, 80)
+
+
+@pytest.fixture(scope='module')
+def route_map(default_model):
+    builder = MapBuilder(default_model, {'keyframes': {'min_distance_m': 0.0}})
+    builder.start_traverse()
+    for i in range(ROUTE):
+        frame = Frame(synthetic_place(i, SIZE), i * 10**8, pose=Pose(5.0 * i, 0.0, 0.0))
+        assert builder.offer(frame)
+    builder.flush()
+    return builder.database
+
+
+def test_single_frame_hypotheses_are_re_ranked_best_first(default_model, route_map) -> None:
+    relocalizer = Relocalizer(default_model, route_map, {'top_k': 8, 'rerank_k': 5})
+    result = relocalizer.relocalize(viewed_again(synthetic_place(7, SIZE)))
+    assert len(result.hypotheses) == 5
+    assert result.best.place_index == 7
+    assert result.best.pose == Pose(35.0, 0.0, 0.0)
+    scores = [h.rerank_score for h in result.hypotheses]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 <= h.confidence <= 1.0 for h in result.hypotheses)
+    assert result.best.confidence > max(h.confidence for h in result.hypotheses[1:])
+    assert {'extract', 'retrieve', 'rerank'} <= set(result.timings)
+
+
+def test_without_re_ranking_the_global_similarity_orders(default_model, route_map) -> None:
+    relocalizer = Relocalizer(default_model, route_map, {'top_k': 6, 'rerank_k': 0})
+    result = relocalizer.relocalize(viewed_again(synthetic_place(3, SIZE)))
+    assert len(result.hypotheses) == 6
+    scores = [h.global_score for h in result.hypotheses]
+    assert scores == sorted(scores, reverse=True)
+    assert np.isnan(result.best.rerank_score)
+
+
+def test_another_models_map_is_refused(route_map) -> None:
+    other = load_model('efficientnet_lite0_gem', {'weights': None})
+    with pytest.raises(DatabaseError, match='built with'):
+        Relocalizer(other, route_map)
+
+
+def test_sequence_mode_locks_on_to_the_route_and_is_confident(default_model, route_map) -> None:
+    relocalizer = Relocalizer(default_model, route_map, {'mode': 'sequence'})
+    results = [
+        relocalizer.relocalize(viewed_again(synthetic_place(i, SIZE))) for i in range(4, 4 + 12)
+    ]
+    late = results[6:]
+    assert all(abs(r.best.place_index - (4 + 6 + k)) <= 1 for k, r in enumerate(late))
+    assert all(r.best.confidence >= 0.6 for r in late)
+    # The sequence score is carried in rerank_score; confidence is 0 for all but the best.
+    assert all(h.confidence == 0.0 for h in late[-1].hypotheses[1:])
+
+
+def test_sequence_mode_does_not_accept_a_route_outside_the_map(default_model, route_map) -> None:
+    relocalizer = Relocalizer(default_model, route_map, {'mode': 'sequence'})
+    confidences = [
+        relocalizer.relocalize(synthetic_place(500 + i, SIZE)).best.confidence for i in range(15)
+    ]
+    assert max(confidences[5:]) < 0.6
+
+
+def test_each_camera_stream_has_its_own_sequence(default_model, route_map) -> None:
+    relocalizer = Relocalizer(default_model, route_map, {'mode': 'sequence'})
+    for i in range(8):
+        relocalizer.relocalize(viewed_again(synthetic_place(i, SIZE)), stream='front')
+    fresh = relocalizer.relocalize(viewed_again(synthetic_place(20, SIZE)), stream='rear')
+    tracked = relocalizer.relocalize(viewed_again(synthetic_place(8, SIZE)), stream='front')
+    assert tracked.best.place_index == 8
+    assert tracked.best.confidence > fresh.best.confidence
+
+
+def test_sequence_mode_on_pixels_needs_a_map_with_sequence_descriptors(default_model) -> None:
+    builder = MapBuilder(default_model, {'sequence_descriptors': None})
+    builder.offer(Frame(synthetic_place(0, SIZE), 0, pose=Pose(0, 0, 0)))
+    builder.flush()
+    with pytest.raises(ConfigError, match='sequence descriptors'):
+        Relocalizer(default_model, builder.database, {'mode': 'sequence'})
+    # With the model's global descriptors it works on any map.
+    Relocalizer(
+        default_model, builder.database, {'mode': 'sequence', 'sequence': {'descriptor': 'global'}}
+    )
