@@ -128,6 +128,11 @@ class VprModel(nn.Module, ABC):
         skip = {'name', *self.weight_source_keys}
         return {k: v for k, v in self.export_conf().items() if k not in skip}
 
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors ``models.save_model`` writes and ``from_export`` gets back; models
+        with a frozen part loaded from elsewhere (SelaVPR) return only the trained ones."""
+        return self.state_dict()
+
     @classmethod
     def from_export(cls, conf: dict, state_dict: dict[str, torch.Tensor]) -> VprModel:
         """Rebuild a model saved by ``models.save_model``; subclasses whose architecture is
