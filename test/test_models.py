@@ -20,8 +20,8 @@ def test_default_model_gives_normalised_global_and_local_descriptors(default_mod
     images = [synthetic_place(i) for i in range(3)]
     out = Extractor(default_model, batch_size=2).extract(images)
     assert out.global_descriptors.shape == (3, default_model.global_dim) == (3, 1280)
-    # 240x320 input, stride-16 stage: 15 x 20 locations of 112 channels.
-    assert out.local_features.shape == (3, 15 * 20, 112)
+    # 240x320 input, stride-16 stage (15 x 20) pooled by 2: 8 x 10 locations of 112 channels.
+    assert out.local_features.shape == (3, 8 * 10, 112)
     np.testing.assert_allclose(np.linalg.norm(out.global_descriptors, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out.local_features, axis=2), 1, atol=1e-4)
 

@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from vpr_ros.errors import ConfigError, ModelError
 from vpr_ros.models.base import ModelIdentity, VprModel, merge_conf
 from vpr_ros.models.cnn import CnnVpr
+from vpr_ros.models.pruned import PrunedCnnVpr
+from vpr_ros.models.selavpr import SELAVPR_CONFS, SelaVpr
 
 # Model classes by the ``model`` key of a configuration.
 MODEL_CLASSES: dict[str, type[VprModel]] = {'cnn': CnnVpr}
@@ -31,10 +33,47 @@ CONFS: dict[str, dict] = {
         'backbone': 'tf_efficientnet_lite0',
         'weights': 'imagenet',
         'local_stage': 3,
+        'local_pool': 2,
         'aggregation': {'name': 'gem', 'p': 3.0},
         'preprocessing': {'size': [240, 320]},
     },
 }
+
+# SelaVPR (DINOv2 + adapters): vpr_ros/models/selavpr.py.
+MODEL_CLASSES['selavpr'] = SelaVpr
+CONFS.update(SELAVPR_CONFS)
+
+# More CNN models (backbone + GeM / Conv-AP / MixVPR) and pruned ones (vpr_ros.pruning).
+# Only EfficientNet-Lite0 has shipped ImageNet weights; the ResNets are random-init
+# ('weights': None) until given a local weights file, and every Conv-AP / MixVPR layer is
+# a seeded random projection: none of them is place-trained.
+MODEL_CLASSES['pruned_cnn'] = PrunedCnnVpr
+_LITE0 = {'model': 'cnn', 'backbone': 'tf_efficientnet_lite0', 'weights': 'imagenet'}
+_RANDOM_INIT = {'model': 'cnn', 'weights': None}
+CONFS.update(
+    {
+        'efficientnet_lite0_convap': {
+            **_LITE0,
+            'aggregation': {'name': 'convap', 'out_channels': 256, 's1': 2, 's2': 2},
+        },
+        'efficientnet_lite0_mixvpr': {
+            **_LITE0,
+            'aggregation': {'name': 'mixvpr', 'out_channels': 256, 'in_h': 8, 'in_w': 10},
+        },
+        'resnet18_gem': {**_RANDOM_INIT, 'backbone': 'resnet18', 'aggregation': {'name': 'gem'}},
+        'resnet50_gem': {**_RANDOM_INIT, 'backbone': 'resnet50', 'aggregation': {'name': 'gem'}},
+        'resnet50_convap': {
+            **_RANDOM_INIT,
+            'backbone': 'resnet50',
+            'aggregation': {'name': 'convap', 'out_channels': 512, 's1': 2, 's2': 2},
+        },
+        'resnet50_mixvpr': {
+            **_RANDOM_INIT,
+            'backbone': 'resnet50',
+            'aggregation': {'name': 'mixvpr', 'out_channels': 512, 'in_h': 8, 'in_w': 10},
+        },
+    }
+)
 
 EXPORT_CONF_FILE = 'model.json'
 EXPORT_WEIGHTS_FILE = 'model.safetensors'
@@ -96,7 +135,7 @@ def save_model(model: VprModel, out_dir: str | os.PathLike) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     conf = model.export_conf()
     conf['name'] = model.name
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.export_state_dict().items()}
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         save_file(state, str(Path(tmp) / EXPORT_WEIGHTS_FILE))
         (Path(tmp) / EXPORT_CONF_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True))
