@@ -1,0 +1,48 @@
+"""Launch the relocalize node with the package's parameters file.
+
+    ros2 launch vpr_ros relocalize.launch.py map_dir:=/path/to/map camera_topic:=/camera/image_raw
+
+``camera_topic`` is remapped onto the node's camera topic ``image`` (the default of
+``camera_topics``); for several cameras or compressed input, pass your own ``params_file``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch.actions import DeclareLaunchArgument
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+from launch import LaunchDescription
+
+
+def generate_launch_description() -> LaunchDescription:
+    params_file = os.path.join(get_package_share_directory('vpr_ros'), 'config', 'relocalize.yaml')
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument('map_dir', description='Map directory written by build_map.'),
+            DeclareLaunchArgument(
+                'camera_topic',
+                default_value='/camera/image_raw',
+                description='Camera topic (sensor_msgs/Image) to relocalize.',
+            ),
+            DeclareLaunchArgument(
+                'params_file',
+                default_value=params_file,
+                description='Parameters file of the relocalize node.',
+            ),
+            Node(
+                package='vpr_ros',
+                executable='relocalize',
+                name='relocalize',
+                output='screen',
+                parameters=[
+                    LaunchConfiguration('params_file'),
+                    {'map_dir': LaunchConfiguration('map_dir')},
+                ],
+                remappings=[('image', LaunchConfiguration('camera_topic'))],
+            ),
+        ]
+    )

@@ -1,0 +1,151 @@
+"""The launch file and parameters file agree with setup.py and the node's parameters.
+
+``launch`` and ``launch_ros`` are not installable here, so the launch file is read as source
+(its calls and literals); where launch_ros is importable the description is built as well.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vpr_ros.nodes.relocalize_node import NODE_NAME, PARAMETERS
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_FILE = ROOT / 'launch' / 'relocalize.launch.py'
+CONFIG_FILE = ROOT / 'config' / 'relocalize.yaml'
+
+
+def calls(tree: ast.AST, name: str) -> list[ast.Call]:
+    """Every call of function ``name`` in ``tree``."""
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (getattr(node.func, 'id', None) == name or getattr(node.func, 'attr', None) == name)
+    ]
+
+
+def keywords(call: ast.Call) -> dict[str, ast.expr]:
+    return {k.arg: k.value for k in call.keywords if k.arg}
+
+
+def literal(node: ast.expr) -> object:
+    return ast.literal_eval(node)
+
+
+def console_scripts() -> dict[str, str]:
+    """setup.py's console scripts, name -> 'module:function'."""
+    tree = ast.parse((ROOT / 'setup.py').read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == 'console_scripts':
+                    entries = [e.split('=') for e in literal(value)]
+                    return {name.strip(): target.strip() for name, target in entries}
+    raise AssertionError('setup.py declares no console_scripts')
+
+
+def launch_node_call() -> ast.Call:
+    nodes = calls(ast.parse(LAUNCH_FILE.read_text()), 'Node')
+    assert len(nodes) == 1, 'the launch file should start exactly one node'
+    return nodes[0]
+
+
+def launch_arguments() -> dict[str, dict[str, ast.expr]]:
+    tree = ast.parse(LAUNCH_FILE.read_text())
+    return {literal(c.args[0]): keywords(c) for c in calls(tree, 'DeclareLaunchArgument')}
+
+
+def test_launch_file_starts_an_executable_that_setup_py_installs() -> None:
+    node = keywords(launch_node_call())
+    assert literal(node['package']) == 'vpr_ros'
+    executable = literal(node['executable'])
+    scripts = console_scripts()
+    assert executable in scripts, f'{executable!r} is not a console script of setup.py'
+    module_name, function = scripts[executable].split(':')
+    assert module_name == 'vpr_ros.nodes.relocalize_node'
+    assert callable(getattr(importlib.import_module(module_name), function))
+    # The parameters file is keyed by node name: the launch name must be the node's.
+    assert literal(node['name']) == NODE_NAME
+
+
+def test_launch_file_loads_the_installed_parameters_file() -> None:
+    tree = ast.parse(LAUNCH_FILE.read_text())
+    joins = [c for c in calls(tree, 'join') if calls(c, 'get_package_share_directory')]
+    assert len(joins) == 1
+    share = calls(joins[0], 'get_package_share_directory')[0]
+    assert literal(share.args[0]) == 'vpr_ros'
+    relative = Path(*(literal(a) for a in joins[0].args[1:]))
+    assert relative == Path('config') / CONFIG_FILE.name
+    assert (ROOT / relative).is_file()
+    # setup.py installs config/*.yaml and launch/*.launch.py into share/vpr_ros.
+    setup_source = (ROOT / 'setup.py').read_text()
+    assert "glob('config/*.yaml')" in setup_source
+    assert "glob('launch/*.launch.py')" in setup_source
+    # The node gets the params_file argument, whose default is that file.
+    arguments = launch_arguments()
+    assert isinstance(arguments['params_file']['default_value'], ast.Name)
+    parameters = keywords(launch_node_call())['parameters']
+    configurations = [literal(c.args[0]) for c in calls(parameters, 'LaunchConfiguration')]
+    assert configurations[0] == 'params_file'
+
+
+def test_launch_arguments_set_the_map_and_the_camera_topic() -> None:
+    arguments = launch_arguments()
+    assert {'map_dir', 'camera_topic', 'params_file'} <= set(arguments)
+    assert 'default_value' not in arguments['map_dir']  # required
+    node = keywords(launch_node_call())
+    overrides = [d for d in ast.walk(node['parameters']) if isinstance(d, ast.Dict)]
+    keys = {literal(k) for d in overrides for k in d.keys}
+    assert keys == {'map_dir'} and keys <= set(PARAMETERS)
+    remapped = [literal(pair.elts[0]) for pair in node['remappings'].elts]
+    # camera_topic is remapped onto the node's default camera topic.
+    assert remapped == PARAMETERS['camera_topics'].default
+
+
+def flatten(values: dict, prefix: str = '') -> dict:
+    """Nested parameter dicts as ROS names them: ``{'a': {'b': 1}}`` -> ``{'a.b': 1}``."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def test_parameters_file_sets_exactly_the_declared_parameters_to_their_defaults() -> None:
+    config = yaml.safe_load(CONFIG_FILE.read_text())
+    assert list(config) == [NODE_NAME]
+    values = flatten(config[NODE_NAME]['ros__parameters'])
+    assert set(values) == set(PARAMETERS)
+    for name, value in values.items():
+        default = PARAMETERS[name].default
+        assert value == default, f'{name}: the file says {value!r}, the node {default!r}'
+        # rclpy refuses a value of another type than the declared default (10 for 10.0).
+        assert type(value) is type(default), name
+        if isinstance(default, list):
+            assert {type(v) for v in value} == {type(v) for v in default}, name
+
+
+def test_launch_description_builds_where_launch_ros_is_installed() -> None:
+    launch_ros = pytest.importorskip('launch_ros')
+    from ament_index_python.packages import PackageNotFoundError
+
+    spec = importlib.util.spec_from_file_location('relocalize_launch', LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        description = module.generate_launch_description()
+    except PackageNotFoundError:
+        pytest.skip('vpr_ros is not installed in an ament workspace')
+    nodes = [e for e in description.entities if isinstance(e, launch_ros.actions.Node)]
+    assert len(nodes) == 1
+    names = {argument.name for argument in description.get_launch_arguments()}
+    assert {'map_dir', 'camera_topic', 'params_file'} <= names

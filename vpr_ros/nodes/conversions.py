@@ -1,0 +1,243 @@
+"""vpr_ros types <-> ROS messages for the relocalize node and its consumers.
+
+The hypothesis table is a ``sensor_msgs/PointCloud2`` with one point per hypothesis, best
+first, and the fields of :data:`HYPOTHESIS_DTYPE` (little-endian, no padding): a consumer in
+any language reads it with its usual point-cloud tools, and RViz draws the places. Poses are in
+the map frame; a hypothesis without a pose (a map built without poses) has NaN in ``x`` ..
+``qw`` and the cloud is then not dense.
+"""
+
+from __future__ import annotations
+
+import array
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from diagnostic_msgs.msg import KeyValue
+from geometry_msgs.msg import Point, PoseArray, PoseWithCovarianceStamped, Quaternion
+from geometry_msgs.msg import Pose as PoseMsg
+from sensor_msgs.msg import PointCloud2, PointField
+from std_msgs.msg import Header
+
+from vpr_ros.types import Hypothesis, Pose
+
+# The pose columns of vpr_ros.database.PLACE_DTYPE; not imported from there, because that
+# module loads faiss and torch, and readers of the table need neither.
+POSE_FIELDS = ('x', 'y', 'z', 'qx', 'qy', 'qz', 'qw')
+
+HYPOTHESIS_DTYPE = np.dtype(
+    [(name, '<f8') for name in POSE_FIELDS]
+    + [
+        ('place_id', '<i4'),
+        ('global_score', '<f4'),
+        ('rerank_score', '<f4'),
+        ('confidence', '<f4'),
+    ]
+)
+"""One row of the hypothesis table (72 bytes): map pose x y z qx qy qz qw, place id, scores,
+confidence."""
+
+# PointField datatype <-> numpy kind and size (PointField has no 64-bit integers).
+_POINTFIELD_DTYPES: dict[int, str] = {
+    PointField.INT8: 'i1',
+    PointField.UINT8: 'u1',
+    PointField.INT16: 'i2',
+    PointField.UINT16: 'u2',
+    PointField.INT32: 'i4',
+    PointField.UINT32: 'u4',
+    PointField.FLOAT32: 'f4',
+    PointField.FLOAT64: 'f8',
+}
+_DTYPE_POINTFIELDS = {code: datatype for datatype, code in _POINTFIELD_DTYPES.items()}
+
+MIN_COVARIANCE_CONFIDENCE = 0.01
+"""Confidences below this scale the covariance as if they were this (no division by zero)."""
+
+
+def stamp_ns(stamp: Any) -> int:
+    """A ``builtin_interfaces/Time`` as int nanoseconds."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def array_to_cloud(table: np.ndarray, header: Header) -> PointCloud2:
+    """A one-row ``PointCloud2`` holding a structured array, one point per element.
+
+    Args:
+        table: 1-D structured array of scalar fields of the types ``PointField`` knows.
+        header: stamp and frame id of the cloud.
+
+    Raises:
+        ValueError: a field has a type ``PointField`` cannot describe (e.g. int64).
+    """
+    fields = []
+    for name in table.dtype.names or ():
+        dtype, offset = table.dtype.fields[name][:2]
+        code = _DTYPE_POINTFIELDS.get(dtype.newbyteorder('<').str[1:])
+        if code is None or dtype.shape:
+            msg = f'field {name!r} of type {dtype} has no PointField datatype'
+            raise ValueError(msg)
+        fields.append(PointField(name=name, offset=offset, datatype=code, count=1))
+    little = table.dtype.newbyteorder('<')
+    data = np.ascontiguousarray(table.astype(little, copy=False))
+    msg = PointCloud2(
+        header=header,
+        height=1,
+        width=len(table),
+        fields=fields,
+        is_bigendian=False,
+        point_step=table.dtype.itemsize,
+        row_step=table.dtype.itemsize * len(table),
+    )
+    msg.data = array.array('B', data.tobytes())
+    return msg
+
+
+def cloud_to_array(msg: PointCloud2) -> np.ndarray:
+    """The points of any ``PointCloud2`` as a 1-D structured array (row-major).
+
+    Raises:
+        ValueError: the cloud's layout is inconsistent or uses an unknown datatype.
+    """
+    order = '>' if msg.is_bigendian else '<'
+    names, formats, offsets = [], [], []
+    for field in msg.fields:
+        kind = _POINTFIELD_DTYPES.get(field.datatype)
+        if kind is None:
+            msg_text = f'field {field.name!r} has unknown PointField datatype {field.datatype}'
+            raise ValueError(msg_text)
+        names.append(field.name)
+        formats.append((order + kind, (field.count,)) if field.count > 1 else order + kind)
+        offsets.append(field.offset)
+    dtype = np.dtype(
+        {'names': names, 'formats': formats, 'offsets': offsets, 'itemsize': msg.point_step}
+    )
+    height, width = int(msg.height), int(msg.width)
+    data = np.frombuffer(msg.data, np.uint8) if len(msg.data) else np.zeros(0, np.uint8)
+    if msg.point_step * width > msg.row_step or len(data) < msg.row_step * height:
+        msg_text = (
+            f'cloud of {height}x{width} points with point_step {msg.point_step} and row_step '
+            f'{msg.row_step} does not fit its {len(data)} data bytes'
+        )
+        raise ValueError(msg_text)
+    rows = data[: msg.row_step * height].reshape(height, msg.row_step)
+    points = np.ascontiguousarray(rows[:, : msg.point_step * width])
+    return points.view(dtype).reshape(-1)
+
+
+def hypotheses_to_table(hypotheses: Sequence[Hypothesis]) -> np.ndarray:
+    """Hypotheses as rows of :data:`HYPOTHESIS_DTYPE`, in the given order.
+
+    Raises:
+        ValueError: a place id does not fit the table's int32 column.
+    """
+    table = np.zeros(len(hypotheses), HYPOTHESIS_DTYPE)
+    info = np.iinfo(np.int32)
+    for row, hypothesis in zip(table, hypotheses):
+        if not info.min <= hypothesis.place_id <= info.max:
+            msg = f'place id {hypothesis.place_id!r} does not fit the int32 place_id field'
+            raise ValueError(msg)
+        pose = hypothesis.pose.as_array() if hypothesis.pose is not None else np.full(7, np.nan)
+        for name, value in zip(POSE_FIELDS, pose):
+            row[name] = value
+        row['place_id'] = hypothesis.place_id
+        row['global_score'] = hypothesis.global_score
+        row['rerank_score'] = hypothesis.rerank_score
+        row['confidence'] = hypothesis.confidence
+    return table
+
+
+def hypotheses_to_cloud(hypotheses: Sequence[Hypothesis], header: Header) -> PointCloud2:
+    """The hypothesis table message: one point per hypothesis, best first."""
+    msg = array_to_cloud(hypotheses_to_table(hypotheses), header)
+    msg.is_dense = all(h.pose is not None for h in hypotheses)
+    return msg
+
+
+def hypotheses_from_cloud(msg: PointCloud2) -> list[Hypothesis]:
+    """Read a hypothesis table back, best first.
+
+    ``place_index`` (a row number inside the node's map) is not in the table and is -1;
+    a row whose position is NaN has no pose.
+
+    Raises:
+        ValueError: the cloud lacks a field of :data:`HYPOTHESIS_DTYPE`.
+    """
+    table = cloud_to_array(msg)
+    missing = [name for name in HYPOTHESIS_DTYPE.names if name not in (table.dtype.names or ())]
+    if missing:
+        msg_text = f'the cloud is not a hypothesis table: it lacks the fields {missing!r}'
+        raise ValueError(msg_text)
+    hypotheses = []
+    for row in table:
+        pose = None
+        if not np.isnan(row['x']):
+            pose = Pose(*(float(row[name]) for name in POSE_FIELDS))
+        hypotheses.append(
+            Hypothesis(
+                place_index=-1,
+                place_id=int(row['place_id']),
+                global_score=float(row['global_score']),
+                rerank_score=float(row['rerank_score']),
+                confidence=float(row['confidence']),
+                pose=pose,
+            )
+        )
+    return hypotheses
+
+
+def pose_to_msg(pose: Pose) -> PoseMsg:
+    """A :class:`~vpr_ros.types.Pose` as a ``geometry_msgs/Pose``."""
+    return PoseMsg(
+        position=Point(x=pose.x, y=pose.y, z=pose.z),
+        orientation=Quaternion(x=pose.qx, y=pose.qy, z=pose.qz, w=pose.qw),
+    )
+
+
+def msg_to_pose(msg: PoseMsg) -> Pose:
+    """A ``geometry_msgs/Pose`` as a :class:`~vpr_ros.types.Pose`."""
+    p, q = msg.position, msg.orientation
+    return Pose(p.x, p.y, p.z, q.x, q.y, q.z, q.w)
+
+
+def pose_with_covariance(
+    hypothesis: Hypothesis, header: Header, covariance_diagonal: Sequence[float]
+) -> PoseWithCovarianceStamped:
+    """The pose of a hypothesis with a covariance that grows as its confidence falls.
+
+    Args:
+        hypothesis: a hypothesis with a pose.
+        header: stamp and (map) frame id.
+        covariance_diagonal: variances of x, y, z (m^2) and roll, pitch, yaw (rad^2) at
+            confidence 1; they are divided by the confidence (at least
+            :data:`MIN_COVARIANCE_CONFIDENCE`).
+
+    Raises:
+        ValueError: the hypothesis has no pose, or the diagonal is not 6 values.
+    """
+    if hypothesis.pose is None:
+        msg = f'hypothesis for place {hypothesis.place_id} has no pose (map without poses)'
+        raise ValueError(msg)
+    if len(covariance_diagonal) != 6:
+        msg = f'covariance diagonal needs 6 values, got {len(covariance_diagonal)}'
+        raise ValueError(msg)
+    scale = 1.0 / max(hypothesis.confidence, MIN_COVARIANCE_CONFIDENCE)
+    msg = PoseWithCovarianceStamped(header=header)
+    msg.pose.pose = pose_to_msg(hypothesis.pose)
+    msg.pose.covariance = np.diag(np.asarray(covariance_diagonal, np.float64) * scale).reshape(-1)
+    return msg
+
+
+def pose_array(hypotheses: Sequence[Hypothesis], header: Header) -> PoseArray:
+    """The poses of the hypotheses that have one, best first."""
+    return PoseArray(
+        header=header, poses=[pose_to_msg(h.pose) for h in hypotheses if h.pose is not None]
+    )
+
+
+def key_values(values: Mapping[str, Any]) -> list[KeyValue]:
+    """Diagnostic key/value pairs; floats with 4 significant digits."""
+    return [
+        KeyValue(key=key, value=f'{value:.4g}' if isinstance(value, float) else str(value))
+        for key, value in values.items()
+    ]
