@@ -54,6 +54,7 @@ setup(
             'prune = vpr_ros.cli.prune:main',
             'convert_selavpr = vpr_ros.cli.convert_selavpr:main',
             'demo = vpr_ros.cli.demo:main',
+            'bag_player = vpr_ros.nodes.bag_player:main',
         ],
     },
 )
