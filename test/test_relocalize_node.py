@@ -7,6 +7,7 @@ again (shifted, brighter), so the right answer is known.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import signal
 import subprocess
@@ -506,20 +507,13 @@ def test_bag_player_plays_a_bag_into_the_node(node, tmp_path: Path) -> None:
         check_answer(harness, stamp, place)
 
 
-def test_sequence_mode_follows_a_camera_along_the_map(maps: dict, default_model) -> None:
-    """The node in this process (its own domain), in sequence mode on global descriptors."""
+@contextlib.contextmanager
+def node_in_this_process(params: dict) -> Iterator[Harness]:
+    """A relocalize node spun in this process (its own domain), with a test harness."""
     domain = int(ros_environment()['ROS_DOMAIN_ID'])
     harness = Harness(domain)
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=domain)
-    params = {
-        **PARAMS,
-        'map_dir': str(maps['dir']),
-        'camera_qos': 'sensor_data',
-        'mode': 'sequence',
-        'sequence.descriptor': 'global',
-        'sequence.length': 3,
-    }
     node = RelocalizeNode(
         context=context, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()]
     )
@@ -529,6 +523,25 @@ def test_sequence_mode_follows_a_camera_along_the_map(maps: dict, default_model)
     spinner.start()
     try:
         assert harness.spin_until(lambda: harness.raw.get_subscription_count() > 0, 30)
+        yield harness
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+        harness.close()
+
+
+def test_sequence_mode_follows_a_camera_along_the_map(maps: dict) -> None:
+    """The node in sequence mode on global descriptors."""
+    params = {
+        **PARAMS,
+        'map_dir': str(maps['dir']),
+        'camera_qos': 'sensor_data',
+        'mode': 'sequence',
+        'sequence.descriptor': 'global',
+        'sequence.length': 3,
+    }
+    with node_in_this_process(params) as harness:
         for place in range(PLACES):
             stamp = next_stamp()
             cloud = harness.ask(harness.raw, raw_msg(query_image(place), stamp))
@@ -538,11 +551,6 @@ def test_sequence_mode_follows_a_camera_along_the_map(maps: dict, default_model)
         assert hypotheses[0].pose == place_pose(PLACES - 1)
         assert harness.spin_until(lambda: 'sequence_median_ms' in harness.values(), 5.0)
         assert harness.values()['mode'] == 'sequence'
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-        harness.close()
 
 
 def test_bag_player_refuses_a_missing_topic(tmp_path: Path, capsys) -> None:

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import ros_environment, synthetic_place
+from conftest import synthetic_place
 
 from vpr_ros.mapping import MapBuilder
 from vpr_ros.models import load_model
 from vpr_ros.types import Frame, Pose
 
 rclpy = pytest.importorskip('rclpy')
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
-from test_relocalize_node import Harness, next_stamp, raw_msg  # noqa: E402
+from test_relocalize_node import next_stamp, node_in_this_process, raw_msg  # noqa: E402
 
 from vpr_ros.nodes.conversions import hypotheses_from_cloud  # noqa: E402
-from vpr_ros.nodes.relocalize_node import RelocalizeNode  # noqa: E402
 
 pytestmark = [pytest.mark.ros]
 PLACES = 6
@@ -31,10 +27,6 @@ def test_selavpr_map_answers_through_the_relocalize_node(tmp_path: Path) -> None
         builder.offer(Frame(synthetic_place(i), i, pose=Pose(10.0 * i, 0.0, 0.0)))
     builder.save(tmp_path / 'selavpr_map')
 
-    domain = int(ros_environment()['ROS_DOMAIN_ID'])
-    harness = Harness(domain)
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=domain)
     params = {
         'map_dir': str(tmp_path / 'selavpr_map'),  # the model comes from the map's manifest
         'camera_topics': ['cam/raw'],
@@ -44,15 +36,7 @@ def test_selavpr_map_answers_through_the_relocalize_node(tmp_path: Path) -> None
         'max_rate_hz': 0.0,
         'num_threads': 1,
     }
-    node = RelocalizeNode(
-        context=context, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()]
-    )
-    executor = MultiThreadedExecutor(num_threads=3, context=context)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    try:
-        assert harness.spin_until(lambda: harness.raw.get_subscription_count() > 0, 30)
+    with node_in_this_process(params) as harness:
         for place in (1, 4):
             cloud = harness.ask(harness.raw, raw_msg(synthetic_place(place), next_stamp()))
             hypotheses = hypotheses_from_cloud(cloud)
@@ -62,8 +46,3 @@ def test_selavpr_map_answers_through_the_relocalize_node(tmp_path: Path) -> None
             assert hypotheses[0].pose == Pose(10.0 * place, 0.0, 0.0)
             # Local features are stored as float16: near-ties may flip a few matches.
             assert hypotheses[0].rerank_score > 0.95 > hypotheses[1].rerank_score
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-        harness.close()

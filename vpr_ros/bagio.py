@@ -182,7 +182,7 @@ def _same_topic(a: str, b: str) -> bool:
     return a.lstrip('/') == b.lstrip('/')
 
 
-def _topic_connections(
+def topic_connections(
     reader: AnyReader, path: Path, topic: str, allowed: Iterable[str], role: str
 ) -> list[Connection]:
     connections = [c for c in reader.connections if _same_topic(c.topic, topic)]
@@ -236,7 +236,7 @@ def count_messages(bag_paths: BagPaths, topic: str) -> int:
     total = 0
     for path in _as_paths(bag_paths):
         with open_bag(path) as reader:
-            connections = _topic_connections(reader, path, topic, (), 'asked')
+            connections = topic_connections(reader, path, topic, (), 'asked')
             total += sum(max(c.msgcount, 0) for c in connections)
     return total
 
@@ -397,9 +397,9 @@ def read_frames(
         raise BagReadError(msg)
     for path in paths:
         with open_bag(path) as reader:
-            _topic_connections(reader, path, image_topic, IMAGE_TYPES, 'image')
+            topic_connections(reader, path, image_topic, IMAGE_TYPES, 'image')
             if pose_topic is not None:
-                _topic_connections(reader, path, pose_topic, POSE_TYPES.values(), 'pose')
+                topic_connections(reader, path, pose_topic, POSE_TYPES.values(), 'pose')
     max_gap_ns = round(max_pose_gap_s * 1e9)
     return _generate_frames(
         paths,
@@ -424,11 +424,11 @@ def _generate_frames(
             track: PoseTrack | None = None
             pose_frame_id = ''
             if pose_topic is not None:
-                pose_conns = _topic_connections(
+                pose_conns = topic_connections(
                     reader, path, pose_topic, POSE_TYPES.values(), 'pose'
                 )
                 track, pose_frame_id = _read_track(reader, path, pose_conns, navsat)
-            image_conns = _topic_connections(reader, path, image_topic, IMAGE_TYPES, 'image')
+            image_conns = topic_connections(reader, path, image_topic, IMAGE_TYPES, 'image')
             bag_skips = SkipCounter()
             count = 0
             messages = iter_messages(reader, image_conns, path)

@@ -28,7 +28,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.utilities import remove_ros_args
 
-from vpr_ros.bagio import IMAGE_TYPES, POSE_TYPES, _topic_connections, iter_messages, open_bag
+from vpr_ros.bagio import IMAGE_TYPES, POSE_TYPES, iter_messages, open_bag, topic_connections
 from vpr_ros.errors import VprError
 
 QOS = {
@@ -91,7 +91,7 @@ def check_topics(bag: str | Path, image_topic: str, pose_topic: str | None) -> d
         return {
             connection.topic: connection.msgtype
             for topic, allowed, role in wanted
-            for connection in _topic_connections(reader, Path(bag), topic, allowed, role)
+            for connection in topic_connections(reader, Path(bag), topic, allowed, role)
         }
 
 
