@@ -23,6 +23,12 @@ if [[ -f "$stamp" ]]; then
   exit 0
 fi
 
+# This machine's pip configuration names package locations that may not exist; pip warns
+# about each one on every call. Keep real errors, drop that noise.
+quiet_pip() {
+  "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
+
 echo "[setup] creating virtual environment in $venv" >&2
 if [[ ! -x "$venv/bin/python" ]]; then
   if [[ $use_system_ros == 1 ]]; then
@@ -31,7 +37,7 @@ if [[ ! -x "$venv/bin/python" ]]; then
     "$python" -m venv "$venv"
   fi
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+pip=(quiet_pip "$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install "${torch_pins[@]}"
 if [[ $use_system_ros == 0 ]]; then
   "${pip[@]}" install "${ros_wheels[@]}"
