@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -61,3 +63,21 @@ class Extractor:
         iterator = iter(images)
         while batch := list(islice(iterator, self.batch_size)):
             yield self.extract(batch)
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse, for a process that runs a model per frame.
+
+    A forward pass allocates and frees some 20 MB of activations. With glibc's defaults these
+    large blocks are mapped and unmapped on every frame (about 5000 page faults, a quarter of
+    the forward time on a 2-core machine) and the worker thread gets an arena of its own. One
+    arena and fixed thresholds make every frame reuse the same memory; freed memory above
+    256 MB is still returned. Returns False where ``mallopt`` is not available (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # from glibc's malloc.h
+    settings = ((m_arena_max, 1), (m_mmap_threshold, 32 << 20), (m_trim_threshold, 256 << 20))
+    return all(mallopt(option, value) == 1 for option, value in settings)

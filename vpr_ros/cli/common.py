@@ -12,6 +12,7 @@ import yaml
 
 from vpr_ros import logger
 from vpr_ros.errors import ConfigError, VprError
+from vpr_ros.extraction import tune_malloc
 
 
 def strip_ros_args(argv: Sequence[str]) -> list[str]:
@@ -70,6 +71,7 @@ def parse_with_params_file(
 
 def run_cli(body: Callable[[], int], argv: Sequence[str] | None) -> int:
     """Run a command body: log the command line, turn VprError into exit code 1."""
+    tune_malloc()  # the commands run a model per image
     shown = sys.argv[1:] if argv is None else list(argv)
     logger.info('command: %s', shlex.join([Path(sys.argv[0]).name, *map(str, shown)]))
     try:

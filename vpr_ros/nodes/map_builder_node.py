@@ -27,6 +27,7 @@ from std_srvs.srv import Trigger
 from vpr_ros.bagio import POSE_TYPES, NavSatOrigin, pose_sample
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ImageDecodeError, VprError
+from vpr_ros.extraction import tune_malloc
 from vpr_ros.geometry import PoseTrack
 from vpr_ros.images import msg_to_rgb
 from vpr_ros.mapping import DEFAULT_BUILD_CONF, MapBuilder
@@ -207,6 +208,7 @@ class MapBuilderNode(Node):
 
 
 def main(args=None) -> None:
+    tune_malloc()
     rclpy.init(args=args)
     try:
         node = MapBuilderNode()

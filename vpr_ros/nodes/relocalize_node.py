@@ -21,8 +21,6 @@ Run: ``relocalize --ros-args --params-file config/relocalize.yaml -p map_dir:=/p
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import sys
 import threading
@@ -49,6 +47,7 @@ from std_srvs.srv import SetBool, Trigger
 
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError, ImageDecodeError, VprError
+from vpr_ros.extraction import tune_malloc
 from vpr_ros.images import failure_reason, msg_to_rgb
 from vpr_ros.models import available_models, load_model
 from vpr_ros.models.base import VprModel
@@ -555,24 +554,6 @@ class RelocalizeNode(Node):
             self._frames.close()
             self._worker.join(timeout=5.0)
         super().destroy_node()
-
-
-def tune_malloc() -> bool:
-    """Make glibc keep freed memory for reuse, for a process that runs a model per frame.
-
-    A forward pass allocates and frees some 20 MB of activations. With glibc's defaults these
-    large blocks are mapped and unmapped on every frame (about 5000 page faults, a quarter of
-    the forward time on a 2-core machine) and the worker thread gets an arena of its own. One
-    arena and fixed thresholds make every frame reuse the same memory; freed memory above
-    256 MB is still returned. Returns False where ``mallopt`` is not available (not glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # from glibc's malloc.h
-    settings = ((m_arena_max, 1), (m_mmap_threshold, 32 << 20), (m_trim_threshold, 256 << 20))
-    return all(mallopt(option, value) == 1 for option, value in settings)
 
 
 def main(args: list[str] | None = None) -> None:
