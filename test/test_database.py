@@ -170,3 +170,68 @@ def test_every_index_type_finds_an_exact_copy(tmp_path: Path, kind: str) -> None
     _, ids = loaded.search(desc[:20], k=5)
     hits = np.mean([i in row for i, row in zip(range(20), ids)])
     assert hits >= (1.0 if kind == 'flat' else 0.8)
+
+
+def test_saving_over_a_directory_that_is_not_a_map_is_refused(tmp_path: Path) -> None:
+    (tmp_path / 'photos').mkdir()
+    (tmp_path / 'photos' / 'precious.jpg').write_bytes(b'x')
+    with pytest.raises(DatabaseError, match='not a vpr_ros map'):
+        random_map().save(tmp_path / 'photos')
+    assert (tmp_path / 'photos' / 'precious.jpg').exists()
+
+
+def test_a_stale_temporary_directory_does_not_block_saving(tmp_path: Path) -> None:
+    random_map().save(tmp_path / 'map')
+    for stale in ('.map.old-1', '.map.tmp-1'):
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / 'junk').write_bytes(b'x')
+    random_map(count=3).save(tmp_path / 'map')
+    assert len(PlaceDatabase.load(tmp_path / 'map')) == 3
+
+
+@pytest.mark.parametrize(
+    'damage',
+    [
+        lambda m: m['model'].pop('local_dim'),
+        lambda m: m.pop('files'),
+        lambda m: m.__setitem__('local', None),
+        lambda m: m['files'].pop(GLOBAL_FILE),
+    ],
+    ids=['no local_dim', 'no file list', 'local null', 'a file unlisted'],
+)
+def test_a_malformed_manifest_is_a_database_error(tmp_path: Path, damage) -> None:
+    random_map().save(tmp_path / 'map')
+    manifest_path = tmp_path / 'map' / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    damage(manifest)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DatabaseError, match='malformed manifest|lists files'):
+        PlaceDatabase.load(tmp_path / 'map')
+
+
+def test_a_refused_add_changes_nothing() -> None:
+    database = random_map(count=5)
+    rows = np.zeros(2, PLACE_DTYPE)
+    rows['place_id'] = [50, 51]
+    with pytest.raises(DatabaseError, match='mismatched row counts'):
+        database.add(np.zeros((3, 16), np.float32), rows, np.zeros((2, 6, 4), np.float16))
+    with pytest.raises(DatabaseError, match='channels'):
+        database.add(np.zeros((2, 16), np.float32), rows, np.zeros((2, 6, 9), np.float16))
+    assert len(database) == len(database.global_descriptors) == len(database.local_features) == 5
+    assert database.index.ntotal == 5
+
+
+def test_a_map_grown_place_by_place_stores_the_configured_approximate_index(
+    tmp_path: Path,
+) -> None:
+    identity = replace(IDENTITY, global_dim=32)
+    database = PlaceDatabase.empty(identity, with_local=False, index_conf={'type': 'ivfpq'})
+    rng = np.random.default_rng(4)
+    for start in range(0, 2000, 100):
+        desc = rng.standard_normal((100, 32)).astype(np.float32)
+        rows = np.zeros(100, PLACE_DTYPE)
+        rows['place_id'] = np.arange(start, start + 100)
+        database.add(desc / np.linalg.norm(desc, axis=1, keepdims=True), rows)
+    database.save(tmp_path / 'map')
+    loaded = PlaceDatabase.load(tmp_path / 'map')
+    assert 'IVF' in type(loaded.index).__name__

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,6 +96,31 @@ def _concatenate(existing: np.ndarray, new: np.ndarray, what: str) -> np.ndarray
         msg = f'{what} of shape {new.shape[1:]!r} cannot join a map with {existing.shape[1:]!r}'
         raise DatabaseError(msg)
     return np.concatenate([existing, new])
+
+
+def check_same_model(map_model: ModelIdentity, model: ModelIdentity, *, what: str) -> None:
+    """Raise DatabaseError unless ``model`` is the one that built a map of ``map_model``."""
+    same = (
+        model.name == map_model.name
+        and model.config_hash == map_model.config_hash
+        and model.weights_hash == map_model.weights_hash
+        and model.global_dim == map_model.global_dim
+    )
+    if not same:
+        msg = (
+            f'this map was built with {map_model.describe()}, but {what} is '
+            f"{model.describe()}; rebuild the map with that model or use the map's model"
+        )
+        raise DatabaseError(msg)
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -217,23 +243,32 @@ class PlaceDatabase:
         if (self.sequence_descriptors is None) != (sequence_descriptors is None):
             raise DatabaseError('add sequence descriptors to a map exactly when it has them')
         places = places.astype(PLACE_DTYPE, copy=True)
+        counts = {len(global_descriptors), len(places)}
+        counts |= {len(a) for a in (local_features, sequence_descriptors) if a is not None}
+        if len(counts) != 1:
+            raise DatabaseError(f'adding places with mismatched row counts {sorted(counts)!r}')
         if len(np.intersect1d(places['place_id'], self.places['place_id'])):
             raise DatabaseError('place ids must be unique; use next_place_id()')
+        # Build every new array first, so that a refused add changes nothing.
+        local = self.local_features
+        if local_features is not None:
+            if local_features.shape[-1] != self.model.local_dim:
+                msg = (
+                    f'local features with {local_features.shape[-1]} channels cannot join a map '
+                    f'of {self.model.describe()}'
+                )
+                raise DatabaseError(msg)
+            local = _concatenate(local, np.asarray(local_features, np.float16), 'local features')
+        sequence = self.sequence_descriptors
+        if sequence_descriptors is not None:
+            sequence = _concatenate(
+                sequence, np.asarray(sequence_descriptors, np.float16), 'sequence descriptors'
+            )
         self.global_descriptors = np.concatenate(
             [self.global_descriptors, np.asarray(global_descriptors, np.float32)]
         )
         self.places = np.concatenate([self.places, places])
-        if local_features is not None:
-            local_features = np.asarray(local_features, np.float16)
-            self.local_features = _concatenate(
-                self.local_features, local_features, 'local features'
-            )
-        if sequence_descriptors is not None:
-            self.sequence_descriptors = _concatenate(
-                self.sequence_descriptors,
-                np.asarray(sequence_descriptors, np.float16),
-                'sequence descriptors',
-            )
+        self.local_features, self.sequence_descriptors = local, sequence
         self.index.add(np.ascontiguousarray(global_descriptors, np.float32))
 
     def next_place_id(self) -> int:
@@ -266,41 +301,49 @@ class PlaceDatabase:
 
     def check_model(self, model: ModelIdentity, *, what: str = 'the query model') -> None:
         """Raise DatabaseError unless ``model`` made this map's descriptors."""
-        same = (
-            model.name == self.model.name
-            and model.config_hash == self.model.config_hash
-            and model.weights_hash == self.model.weights_hash
-            and model.global_dim == self.model.global_dim
-        )
-        if not same:
-            msg = (
-                f'this map was built with {self.model.describe()}, but {what} is '
-                f"{model.describe()}; rebuild the map with that model or use the map's model"
-            )
-            raise DatabaseError(msg)
+        check_same_model(self.model, model, what=what)
 
     # -- storage ------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the map to directory ``path`` atomically (replacing an existing map)."""
+        """Write the map to directory ``path``, replacing an existing map.
+
+        The new map is written and synced in a temporary directory beside ``path``, then
+        renamed into place; the old map is deleted only after that. A directory that is
+        not empty and not a map is never replaced.
+        """
         path = Path(path)
+        if path.exists() and any(path.iterdir()) and not (path / MANIFEST).is_file():
+            msg = f'{str(path)!r} exists and is not a vpr_ros map; refusing to replace it'
+            raise DatabaseError(msg)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
-        old = path.parent / f'.{path.name}.old-{os.getpid()}'
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.tmp-'))
+        old = None
         try:
             self._write(tmp)
+            _fsync_path(tmp)
             if path.exists():
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.old-'))
                 os.replace(path, old)
             os.replace(tmp, path)
+            _fsync_path(path.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not path.exists():
+            if old is not None and not path.exists():
                 os.replace(old, path)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def _index_to_store(self) -> faiss.Index:
+        """The index as configured: a map grown place by place has an exact index (an
+        approximate one needs all descriptors to train), so it is built here."""
+        if self.index_conf.get('type', 'flat') != 'flat' and isinstance(
+            self.index, faiss.IndexFlat
+        ):
+            self.index = build_index(self.global_descriptors, self.index_conf)
+        return self.index
 
     def _write(self, directory: Path) -> None:
         files = {PLACES_FILE: self.places, GLOBAL_FILE: self.global_descriptors}
@@ -313,7 +356,8 @@ class PlaceDatabase:
                 np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
                 stream.flush()
                 os.fsync(stream.fileno())
-        faiss.write_index(self.index, str(directory / INDEX_FILE))
+        faiss.write_index(self._index_to_store(), str(directory / INDEX_FILE))
+        _fsync_path(directory / INDEX_FILE)
         names = [*files, INDEX_FILE]
         local = None
         if self.local_features is not None:
@@ -342,6 +386,7 @@ class PlaceDatabase:
         }
         tmp_manifest = directory / (MANIFEST + '.tmp')
         tmp_manifest.write_text(json.dumps(manifest, indent=2))
+        _fsync_path(tmp_manifest)
         os.replace(tmp_manifest, directory / MANIFEST)
 
     @classmethod
@@ -369,11 +414,36 @@ class PlaceDatabase:
         if not path.exists():
             raise FileNotFoundError(f'map {str(path)!r} does not exist; build it with build_map')
         manifest = cls.read_manifest(path)
+        try:
+            return cls._load(path, manifest, expected_model, mmap, verify_checksums)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+            msg = (
+                f'map {str(path)!r} has a malformed manifest ({type(err).__name__}: {err}); '
+                'rebuild the map'
+            )
+            raise DatabaseError(msg) from err
+
+    @classmethod
+    def _load(
+        cls,
+        path: Path,
+        manifest: dict,
+        expected_model: ModelIdentity | None,
+        mmap: bool,
+        verify_checksums: bool,
+    ) -> PlaceDatabase:
         model = ModelIdentity.from_dict(manifest['model'])
         if expected_model is not None:
-            probe = cls.__new__(cls)
-            probe.model = model
-            probe.check_model(expected_model)
+            check_same_model(model, expected_model, what='the query model')
+        expected_files = {PLACES_FILE, GLOBAL_FILE, INDEX_FILE}
+        expected_files |= {LOCAL_FILE} if manifest['local'] else set()
+        expected_files |= {SEQUENCE_FILE} if manifest['sequence'] else set()
+        if set(manifest['files']) != expected_files:
+            msg = (
+                f'map {str(path)!r} lists files {sorted(manifest["files"])!r}, expected '
+                f'{sorted(expected_files)!r}; rebuild the map'
+            )
+            raise DatabaseError(msg)
         for name, info in manifest['files'].items():
             file = path / name
             if not file.is_file():
@@ -402,6 +472,12 @@ class PlaceDatabase:
             index = faiss.read_index(str(path / INDEX_FILE))
         except (ValueError, OSError, RuntimeError) as err:
             raise DatabaseError(f'cannot read map {str(path)!r}: {err}') from err
+        if local is not None and (
+            local.ndim != 3
+            or local.shape[1] != manifest['local']['num_locations']
+            or local.shape[2] != model.local_dim
+        ):
+            raise DatabaseError(f'map {str(path)!r}: local features do not match the manifest')
         count = manifest['place_count']
         if places.dtype != PLACE_DTYPE or len(places) != count:
             raise DatabaseError(f'map {str(path)!r}: places.npy does not match the manifest')
@@ -445,7 +521,7 @@ class PlaceDatabase:
             manifest = json.loads(file.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise DatabaseError(f'map manifest {str(file)!r} is unreadable: {err}') from err
-        if manifest.get('format') != FORMAT_NAME:
+        if not isinstance(manifest, dict) or manifest.get('format') != FORMAT_NAME:
             raise DatabaseError(f'{str(file)!r} is not a vpr_ros map manifest')
         version = manifest.get('format_version')
         if version != FORMAT_VERSION:
