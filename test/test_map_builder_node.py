@@ -36,7 +36,7 @@ def odom_msg(x: float, stamp_ns: int) -> Odometry:
     msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 10**9)
     msg.header.frame_id = 'odom'
     msg.pose.pose.position.x = x
-    msg.pose.pose.orientation.w = 1.0
+    # A position-only source: the orientation stays all zeros (taken as identity).
     return msg
 
 
@@ -105,6 +105,28 @@ def test_map_builder_saves_keyframes_on_request_and_on_shutdown(tmp_path: Path) 
     assert node.returncode == 0, output
     assert 'on shutdown: saved 3 places' in output
     assert len(PlaceDatabase.load(map_dir)) == 3
+
+
+def test_map_builder_refuses_to_replace_an_existing_map_without_append(tmp_path: Path) -> None:
+    map_dir = tmp_path / 'existing'
+    map_dir.mkdir()
+    (map_dir / 'manifest.json').write_text('{}')
+    result = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'vpr_ros.nodes.map_builder_node',
+            '--ros-args',
+            '-p',
+            f'map_dir:={map_dir}',
+        ],
+        env=ros_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert 'append:=true' in result.stdout + result.stderr
 
 
 def test_map_builder_without_map_dir_exits_with_an_error() -> None:

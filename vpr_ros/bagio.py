@@ -255,6 +255,16 @@ class NavSatOrigin:
         self.plane = None if origin is None else LocalTangentPlane(*origin)
 
 
+IDENTITY_QUATERNION = (0.0, 0.0, 0.0, 1.0)
+
+
+def has_orientation(quaternion: Sequence[float]) -> bool:
+    """Whether a quaternion is usable: finite with a non-zero norm. Position-only sources
+    publish zeros; callers use the identity for them."""
+    norm = math.sqrt(sum(v * v for v in quaternion))
+    return math.isfinite(norm) and norm > 1e-9
+
+
 def pose_sample(
     msg: Any, msgtype: str, navsat: NavSatOrigin
 ) -> tuple[tuple[float, float, float], tuple[float, float, float, float]] | None:
@@ -301,10 +311,9 @@ def _read_track(
         if not all(math.isfinite(v) for v in position):
             bad_positions += 1
             continue
-        norm = math.sqrt(sum(v * v for v in quaternion))
-        if not (math.isfinite(norm) and norm > 1e-9):
+        if not has_orientation(quaternion):
             zero_quaternions += 1
-            quaternion = (0.0, 0.0, 0.0, 1.0)
+            quaternion = IDENTITY_QUATERNION
         stamps.append(_stamp_ns(msg, receive_ns))
         positions.append(position)
         quaternions.append(quaternion)

@@ -8,30 +8,40 @@ worker thread, so the executor never blocks on the model. The map is saved atomi
 
 from __future__ import annotations
 
+import math
 import queue
 import sys
 import threading
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import rclpy
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, NavSatFix
 from std_srvs.srv import Trigger
 
-from vpr_ros.bagio import POSE_TYPES, NavSatOrigin, pose_sample
-from vpr_ros.database import PlaceDatabase
+from vpr_ros.bagio import (
+    IDENTITY_QUATERNION,
+    POSE_TYPES,
+    NavSatOrigin,
+    has_orientation,
+    pose_sample,
+)
+from vpr_ros.database import MANIFEST, PlaceDatabase
 from vpr_ros.errors import ImageDecodeError, VprError
 from vpr_ros.extraction import tune_malloc
 from vpr_ros.geometry import PoseTrack
 from vpr_ros.images import msg_to_rgb
 from vpr_ros.mapping import DEFAULT_BUILD_CONF, MapBuilder
 from vpr_ros.models import DEFAULT_MODEL, load_model
+from vpr_ros.nodes.conversions import stamp_ns
 from vpr_ros.types import Frame
 
 POSE_MSG_CLASSES = {
@@ -42,10 +52,6 @@ POSE_MSG_CLASSES = {
 }
 POSE_HISTORY = 2000  # pose samples kept for interpolation
 PENDING_IMAGES = 30  # images waiting for a later pose; the oldest is dropped beyond this
-
-
-def _stamp_ns(header) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 class MapBuilderNode(Node):
@@ -61,6 +67,9 @@ class MapBuilderNode(Node):
         compressed = p('compressed', False, 'camera topic is sensor_msgs/CompressedImage')
         pose_topic = p('pose_topic', 'odom', 'pose topic')
         self.pose_type = p('pose_type', 'odometry', f'one of {sorted(POSE_MSG_CLASSES)}')
+        self.pose_qos = p(
+            'pose_qos', 'reliable', "'reliable', or 'sensor_data' for best-effort pose publishers"
+        )
         min_distance = p('min_distance_m', kf['min_distance_m'], 'keyframe distance (m)')
         min_rotation = p('min_rotation_deg', kf['min_rotation_deg'], 'keyframe rotation (deg)')
         max_interval = p('max_interval_s', 0.0, 'keyframe after this many s (0: off)')
@@ -71,6 +80,15 @@ class MapBuilderNode(Node):
         threads = p('num_threads', 2, 'torch CPU threads')
         if not self.map_dir:
             raise VprError('parameter map_dir is required (-p map_dir:=/path/to/map)')
+        self.map_dir = str(Path(self.map_dir).expanduser())
+        if self.pose_qos not in ('reliable', 'sensor_data'):
+            raise VprError(f"pose_qos {self.pose_qos!r} is not 'reliable' or 'sensor_data'")
+        if not append and (Path(self.map_dir) / MANIFEST).is_file():
+            msg = (
+                f'a map exists at {self.map_dir!r}; pass append:=true to extend it, or choose '
+                'another map_dir (it would be replaced on save)'
+            )
+            raise VprError(msg)
         if self.pose_type not in POSE_MSG_CLASSES:
             raise VprError(
                 f'pose_type {self.pose_type!r} is not one of {sorted(POSE_MSG_CLASSES)}'
@@ -105,8 +123,9 @@ class MapBuilderNode(Node):
         self.create_subscription(
             image_type, image_topic, self.image_callback, qos_profile_sensor_data
         )
+        pose_qos = {'reliable': 100, 'sensor_data': qos_profile_sensor_data}[self.pose_qos]
         self.create_subscription(
-            POSE_MSG_CLASSES[self.pose_type], pose_topic, self.pose_callback, 100
+            POSE_MSG_CLASSES[self.pose_type], pose_topic, self.pose_callback, pose_qos
         )
         self.create_service(Trigger, '~/save', self.save_callback)
         self._worker = threading.Thread(target=self._run_worker, daemon=True)
@@ -122,9 +141,12 @@ class MapBuilderNode(Node):
 
     def pose_callback(self, msg) -> None:
         sample = pose_sample(msg, POSE_TYPES[self.pose_type], self._navsat)
-        if sample is None:
+        if sample is None or not all(math.isfinite(v) for v in sample[0]):
             return
-        self._poses.append((_stamp_ns(msg.header), *sample))
+        position, quaternion = sample
+        if not has_orientation(quaternion):
+            quaternion = IDENTITY_QUATERNION
+        self._poses.append((stamp_ns(msg.header.stamp), position, quaternion))
         self._pose_frame_id = msg.header.frame_id
         self._resolve_pending()
 
@@ -142,14 +164,14 @@ class MapBuilderNode(Node):
             return
         newest = self._poses[-1][0]
         ready = []
-        while self._pending and _stamp_ns(self._pending[0].header) <= newest:
+        while self._pending and stamp_ns(self._pending[0].header.stamp) <= newest:
             ready.append(self._pending.popleft())
         if not ready:
             return
         stamps, positions, quaternions = zip(*self._poses)
         track = PoseTrack(np.array(stamps), np.array(positions), np.array(quaternions))
         for msg in ready:
-            stamp = _stamp_ns(msg.header)
+            stamp = stamp_ns(msg.header.stamp)
             pose = track.interpolate(stamp, self.max_gap_ns)
             if pose is None:
                 self.counts['no_pose'] += 1
@@ -178,10 +200,16 @@ class MapBuilderNode(Node):
             frame = self._work.get()
             if frame is None:
                 return
-            with self._lock:
-                if self.builder.offer(frame):
-                    self.counts['keyframes'] += 1
-                    self.builder.flush()
+            try:
+                with self._lock:
+                    if self.builder.offer(frame):
+                        self.counts['keyframes'] += 1
+            except Exception as err:  # one bad frame must not stop the map
+                self.counts['failed'] = self.counts.get('failed', 0) + 1
+                self.get_logger().error(
+                    f'could not add a frame: {type(err).__name__}: {err}',
+                    throttle_duration_sec=5.0,
+                )
 
     def save(self) -> str:
         with self._lock:
@@ -201,7 +229,10 @@ class MapBuilderNode(Node):
         return response
 
     def shutdown(self) -> None:
-        self._work.put(None)
+        try:
+            self._work.put(None, timeout=30)
+        except queue.Full:
+            self.get_logger().error('the map worker is stuck; saving what it has')
         self._worker.join(timeout=30)
         message = self.save()
         self.get_logger().info(f'on shutdown: {message}')
@@ -212,8 +243,8 @@ def main(args=None) -> None:
     rclpy.init(args=args)
     try:
         node = MapBuilderNode()
-    except (VprError, FileNotFoundError) as err:
-        rclpy.logging.get_logger('map_builder').fatal(str(err))
+    except (VprError, FileNotFoundError, ParameterException) as err:
+        rclpy.logging.get_logger('map_builder').fatal(f'cannot start: {err}')
         rclpy.try_shutdown()
         sys.exit(1)
     try:

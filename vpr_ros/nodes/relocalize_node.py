@@ -400,7 +400,7 @@ class RelocalizeNode(Node):
         map_dir = self.get_parameter('map_dir').value
         try:
             relocalizer = self._open_map(map_dir)
-        except (VprError, FileNotFoundError) as err:
+        except Exception as err:  # whatever is wrong with the new map, the old one stays
             response.success = False
             response.message = f'kept the current map {self._map_dir!r}: {err}'
             self.get_logger().error(f'map reload failed: {response.message}')
