@@ -161,3 +161,26 @@ def test_cli_reads_options_from_a_yaml_file(tmp_path: Path, capsys) -> None:
     assert code == 0, capsys.readouterr().err
     assert len(PlaceDatabase.load(tmp_path / 'map')) == 4
     assert 'keyframes kept:     4' in capsys.readouterr().out
+
+
+def test_navsat_bags_and_appends_share_one_local_frame(tmp_path: Path, default_model) -> None:
+    def route(start_x: float, start_ns: int) -> list[Frame]:
+        return [
+            Frame(synthetic_place(i, (60, 80)), start_ns + i * 10**8, pose=Pose(start_x + i, 0, 0))
+            for i in range(3)
+        ]
+
+    first = write_bag(tmp_path / 'a', route(0.0, 10**9), pose_type='navsat')
+    second = write_bag(tmp_path / 'b', route(100.0, 5 * 10**9), pose_type='navsat')
+    third = write_bag(tmp_path / 'c', route(200.0, 9 * 10**9), pose_type='navsat')
+    topics = ('/camera/image_raw', '/odom')
+    conf = {'keyframes': {'min_distance_m': 0.5}}  # places 1 m apart: keep all
+    build_map(default_model, [first, second], *topics, tmp_path / 'm', conf=conf, progress=False)
+    build_map(
+        default_model, [third], *topics, tmp_path / 'm', conf=conf, append=True, progress=False
+    )
+    database = PlaceDatabase.load(tmp_path / 'm')
+    np.testing.assert_allclose(
+        database.places['x'], [0, 1, 2, 100, 101, 102, 200, 201, 202], atol=0.01
+    )
+    assert database.enu_origin is not None

@@ -360,7 +360,7 @@ def read_frames(
     *,
     max_pose_gap_s: float = 0.5,
     skips: SkipCounter | None = None,
-    navsat_origin: tuple[float, float, float] | None = None,
+    navsat_origin: tuple[float, float, float] | NavSatOrigin | None = None,
 ) -> Iterator[Frame]:
     """Stream camera frames, each with its pose interpolated at the image stamp.
 
@@ -390,7 +390,8 @@ def read_frames(
             ``None`` to read frames without poses.
         max_pose_gap_s: Largest time between the two poses that bracket an image.
         skips: Counter that receives the skipped frames by reason.
-        navsat_origin: ENU origin (lat, lon, alt) for NavSatFix poses.
+        navsat_origin: ENU origin (lat, lon, alt) for NavSatFix poses, or a ``NavSatOrigin``
+            shared by several calls (it is fixed by the first fix any of them reads).
 
     Returns:
         An iterator of :class:`~vpr_ros.types.Frame` with RGB images.
@@ -416,7 +417,7 @@ def read_frames(
         pose_topic,
         max_gap_ns,
         skips if skips is not None else SkipCounter(),
-        NavSatOrigin(navsat_origin),
+        navsat_origin if isinstance(navsat_origin, NavSatOrigin) else NavSatOrigin(navsat_origin),
     )
 
 

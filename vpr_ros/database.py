@@ -153,6 +153,7 @@ class PlaceDatabase:
         index: faiss.Index | None = None,
         sequence_descriptors: np.ndarray | None = None,
         sequence_conf: dict | None = None,
+        enu_origin: Sequence[float] | None = None,
     ) -> None:
         if global_descriptors.ndim != 2 or global_descriptors.shape[1] != model.global_dim:
             msg = (
@@ -172,6 +173,9 @@ class PlaceDatabase:
             msg = f'{len(sequence_descriptors)} sequence descriptors for {len(places)} places'
             raise DatabaseError(msg)
         self.model = model
+        # (lat, lon, alt) of the local ENU frame the poses are in, when they came from
+        # NavSatFix; None for odometry/map-frame poses.
+        self.enu_origin = tuple(float(v) for v in enu_origin) if enu_origin else None
         self.sequence_descriptors = sequence_descriptors
         # How the sequence descriptors were made (vpr_ros.sequence settings), or None.
         self.sequence_conf = dict(sequence_conf) if sequence_conf else None
@@ -280,6 +284,12 @@ class PlaceDatabase:
     def extend(self, other: PlaceDatabase) -> None:
         """Append another map's places (same model), renumbering ids and traverses."""
         self.check_model(other.model, what='the appended map')
+        if other.enu_origin != self.enu_origin:
+            msg = (
+                f"the appended map's poses are in the ENU frame at {other.enu_origin!r}, this "
+                f"map's at {self.enu_origin!r}; build both from the same origin"
+            )
+            raise DatabaseError(msg)
         if self.sequence_conf != other.sequence_conf:
             msg = (
                 f'the appended map has sequence descriptors {other.sequence_conf!r}, this map '
@@ -375,6 +385,7 @@ class PlaceDatabase:
             'global': {'dim': int(self.model.global_dim), 'dtype': 'float32'},
             'local': local,
             'sequence': self.sequence_conf,
+            'enu_origin': list(self.enu_origin) if self.enu_origin else None,
             'index': self.index_conf,
             'files': {
                 name: {
@@ -504,6 +515,7 @@ class PlaceDatabase:
             index=index,
             sequence_descriptors=sequence,
             sequence_conf=manifest.get('sequence'),
+            enu_origin=manifest.get('enu_origin'),
         )
 
     @staticmethod

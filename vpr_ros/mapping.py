@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vpr_ros import logger
-from vpr_ros.bagio import count_messages, read_frames
+from vpr_ros.bagio import NavSatOrigin, count_messages, read_frames
 from vpr_ros.database import PlaceDatabase, place_records
 from vpr_ros.errors import BagReadError
 from vpr_ros.extraction import Extractor
@@ -168,6 +168,8 @@ def build_map(
     summary = BuildSummary()
     total = count_messages(list(bags), image_topic)
     frames_read = 0
+    # All bags (and a map being extended) share one ENU frame for NavSatFix poses.
+    navsat = NavSatOrigin(builder.database.enu_origin)
     with tqdm(total=total, unit='img', desc='build_map', disable=not progress) as bar:
         for bag in bags:
             builder.start_traverse()
@@ -177,6 +179,7 @@ def build_map(
                 pose_topic,
                 max_pose_gap_s=float(builder.conf['max_pose_gap_s']),
                 skips=summary.skipped,
+                navsat_origin=navsat,
             )
             for frame in frames:
                 frames_read += 1
@@ -188,6 +191,8 @@ def build_map(
     # Skipped frames (no pose, undecodable) are messages read too.
     summary.messages_read = frames_read + summary.skipped.total
     builder.flush()
+    if navsat.plane is not None:
+        builder.database.enu_origin = navsat.plane.origin
     if len(builder.database) == places_before:
         msg = (
             f'no usable frames in {[str(b) for b in bags]!r} '

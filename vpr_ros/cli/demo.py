@@ -32,6 +32,7 @@ import numpy as np
 from vpr_ros.bagio import read_frames, write_bag
 from vpr_ros.errors import ConfigError, VprError
 from vpr_ros.images import rgb_to_image_fields
+from vpr_ros.models import DEFAULT_MODEL
 from vpr_ros.types import Frame, Pose
 
 IMAGE_TOPIC = '/camera/image_raw'
@@ -133,10 +134,6 @@ def _ros_env() -> dict[str, str]:
     return env
 
 
-def _stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
 def play_and_collect(
     query_bag: Path, env: dict[str, str], timeout_s: float
 ) -> tuple[list[Frame], dict[int, tuple[list, float]], dict[int, object]]:
@@ -151,7 +148,7 @@ def play_and_collect(
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image, PointCloud2
 
-    from vpr_ros.nodes.conversions import hypotheses_from_cloud
+    from vpr_ros.nodes.conversions import hypotheses_from_cloud, stamp_ns
 
     frames = list(read_frames([query_bag], IMAGE_TOPIC, POSE_TOPIC))
     results: dict[int, tuple[list, float]] = {}
@@ -163,12 +160,12 @@ def play_and_collect(
         publisher = node.create_publisher(Image, IMAGE_TOPIC, reliable)
 
         def on_hypotheses(msg: PointCloud2) -> None:
-            stamp = _stamp_ns(msg.header.stamp)
+            stamp = stamp_ns(msg.header.stamp)
             if stamp in sent:
                 results[stamp] = (hypotheses_from_cloud(msg), time.perf_counter() - sent[stamp])
 
         def on_pose(msg: PoseWithCovarianceStamped) -> None:
-            poses[_stamp_ns(msg.header.stamp)] = msg
+            poses[stamp_ns(msg.header.stamp)] = msg
 
         node.create_subscription(PointCloud2, f'/{NODE_NAME}/hypotheses', on_hypotheses, 10)
         node.create_subscription(PoseWithCovarianceStamped, f'/{NODE_NAME}/pose', on_pose, 10)
@@ -303,7 +300,7 @@ def make_parser() -> argparse.ArgumentParser:
         default=5.0,
         help='a best hypothesis within this distance of the query pose is correct (metres)',
     )
-    parser.add_argument('--model', default='efficientnet_lite0_gem', help='registry model')
+    parser.add_argument('--model', default=DEFAULT_MODEL, help='registry model')
     parser.add_argument('--threads', type=int, default=2, help='torch threads of the node')
     return parser
 
@@ -311,9 +308,17 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix='vpr_demo_'))
-    if args.work_dir and work_dir.exists():
-        shutil.rmtree(work_dir)
+    marker = work_dir / '.vpr_demo'
+    if args.work_dir and work_dir.exists() and any(work_dir.iterdir()):
+        if not marker.exists():
+            print(
+                f'error: --work-dir {str(work_dir)!r} is not empty; choose a new directory',
+                file=sys.stderr,
+            )
+            return 1
+        shutil.rmtree(work_dir)  # the demo's own earlier output
     work_dir.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     try:
         return run_demo(
             args.dataset,

@@ -35,9 +35,9 @@ class CnnVpr(VprModel):
         'weights': 'imagenet',
         # Which backbone stage gives the local features (timm feature_info index).
         'local_stage': 3,
-        # Average-pool the local map by this factor (ceil): 4x fewer locations make MNN
-        # re-ranking ~10x cheaper and maps 4x smaller, at no loss of R@1 measured on
-        # Gardens Point / Nordland (benchmarks/rerank_storage.py).
+        # Average-pool the local map by this factor (ceil). The default registry model uses
+        # 2: 4x fewer locations make MNN re-ranking ~10x cheaper and maps 4x smaller, with
+        # no R@1 loss measured on Gardens Point / Nordland (benchmarks/rerank_storage.py).
         'local_pool': 1,
         'aggregation': {'name': 'gem', 'p': 3.0},
         'preprocessing': {'size': [240, 320]},
@@ -76,7 +76,11 @@ class CnnVpr(VprModel):
             load_in_order(self.backbone, read_state_dict(path), str(path))
         else:
             state = read_state_dict(weights)
-            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+            try:
+                missing, _ = self.backbone.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # shapes that do not fit
+                msg = f'weights {weights!r} do not fit {self.conf["backbone"]!r}: {err}'
+                raise ModelError(msg) from err
             if missing:
                 raise ModelError(f'weights {weights!r} lack {len(missing)} tensors: {missing[:3]}')
 

@@ -113,7 +113,7 @@ class MapBuilderNode(Node):
         self._lock = threading.Lock()  # guards the builder (worker vs. save)
         self._poses: deque = deque(maxlen=POSE_HISTORY)
         self._pending: deque = deque()
-        self._navsat = NavSatOrigin(None)
+        self._navsat = NavSatOrigin(self.builder.database.enu_origin)
         self._pose_frame_id = ''
         self._image_topic = image_topic
         self._work: queue.Queue = queue.Queue(maxsize=64)
@@ -214,6 +214,8 @@ class MapBuilderNode(Node):
     def save(self) -> str:
         with self._lock:
             self.builder.flush()
+            if self._navsat.plane is not None:
+                self.builder.database.enu_origin = self._navsat.plane.origin
             if not len(self.builder.database):
                 return 'no keyframes yet; nothing saved'
             path = self.builder.save(self.map_dir)
