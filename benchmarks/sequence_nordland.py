@@ -191,10 +191,12 @@ def never_visited(map_desc: np.ndarray, query_desc: np.ndarray, conf: dict) -> d
     best, _, confidence = match_traverse(query_desc, map_desc[keep], conf=conf)
     threshold = SequenceMatcher(map_desc[:2], conf=conf).conf['min_confidence']
     accepted = confidence >= threshold
-    truth = np.full(len(query_desc), -1)
-    truth[keep] = np.arange(len(keep))
-    visited = truth >= 0
-    correct = visited & (np.abs(best - truth) <= TOLERANCE)
+    visited = np.zeros(len(query_desc), bool)
+    visited[keep] = True
+    # ``best`` indexes the reduced map: compare in original frame numbers (-1: no answer).
+    answered = best >= 0
+    original = keep[np.where(answered, best, 0)]
+    correct = visited & answered & (np.abs(original - np.arange(len(query_desc))) <= TOLERANCE)
     lag = conf.get('length', DEFAULT_SEQUENCE_CONF['length'])
     after_lag = ~visited
     after_lag[HELD_OUT[0] : HELD_OUT[0] + 2 * lag] = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,10 @@ from vpr_ros.evaluation import (
     evaluate,
     evaluate_sequence,
     evenly_spaced,
+    first_hit_ranks,
     list_images,
     load_image,
+    natural_key,
     parse_utm,
     plot_pr_curve,
     positives_frame_aligned,
@@ -102,6 +105,33 @@ def test_summarize_marks_recall_beyond_the_returned_candidates_unknown() -> None
     # A reference of only 2 places: all of it was returned, so Recall@5 is known.
     small = summarize('x', predictions, [0.5, 0.2], [{0}, {1}], [0.01, 0.03], num_db=2, ns=(5,))
     assert small.recalls == {5: 1.0}
+
+
+def test_summarize_scores_an_empty_query_set_without_a_reshape_error() -> None:
+    method = summarize('x', np.zeros((0, 4), np.int64), [], [], [], num_db=3, ns=(1, 5))
+    assert method.predictions.shape == (0, 4)
+    assert all(math.isnan(r) for r in method.recalls.values())
+    assert first_hit_ranks(np.zeros((0, 4), np.int64), []).shape == (0,)
+
+
+def test_queries_without_a_positive_are_out_of_recall_but_wrong_if_accepted() -> None:
+    # Query 1 is off the map; the method answers it with the highest confidence.
+    predictions = np.array([[0, 1], [2, 0], [1, 2], [3, 2]])
+    positives = [[0], [], [1], [2]]
+    confidences = [0.5, 0.9, 0.4, 0.3]
+    method = summarize('x', predictions, confidences, positives, [0.01] * 4, num_db=4, ns=(1, 2))
+    # Recall@N over the three queries with a positive only.
+    assert method.recalls == pytest.approx({1: 2 / 3, 2: 1.0})
+    assert method.correct.tolist() == [True, False, True, False]
+    # Accepting the off-map query first breaks 100 % precision at once ...
+    assert method.recall_at_100_precision == 0.0
+    np.testing.assert_allclose(method.precision, [0.0, 0.5, 2 / 3, 0.5])
+    # ... and recall's denominator is the 3 queries with a positive.
+    np.testing.assert_allclose(method.recall, [0.0, 1 / 3, 2 / 3, 2 / 3])
+    # Rejecting it (lowest confidence) costs no recall.
+    confidences = [0.5, 0.1, 0.4, 0.3]
+    rejected = summarize('x', predictions, confidences, positives, [0.01] * 4, num_db=4)
+    assert rejected.recall_at_100_precision == pytest.approx(2 / 3)
 
 
 def test_plot_pr_curve_writes_a_png(tmp_path: Path) -> None:
@@ -209,6 +239,24 @@ def test_frame_aligned_positives_take_neighbours_in_name_order() -> None:
     assert as_lists(positives_frame_aligned(db, ['f02.png'], tolerance=0)) == [[3]]
 
 
+def test_frame_aligned_positives_order_frame_numbers_by_value() -> None:
+    db = ['f1.png', 'f10.png', 'f11.png', 'f2.png', 'f9.png']  # plain sort order
+    positives = positives_frame_aligned(db, ['f2.png', 'f10.png'], tolerance=1)
+    # Frame order is f1, f2, f9, f10, f11: f2 -> f1..f9; f10 -> f9..f11.
+    assert as_lists(positives) == [[0, 3, 4], [1, 2, 4]]
+
+
+def test_natural_key_orders_digit_runs_by_value() -> None:
+    names = ['run2/10.png', 'run10/1.png', 'run2/9.png', 'run2/09b.png', 'a.png']
+    assert sorted(names, key=natural_key) == [
+        'a.png',
+        'run2/9.png',
+        'run2/09b.png',
+        'run2/10.png',
+        'run10/1.png',
+    ]
+
+
 def test_same_folder_positives_group_by_leading_folders() -> None:
     db = ['p0/i0/a.jpg', 'p1/i0/b.jpg', 'p1/i0/c.jpg']
     queries = ['p1/i1/x.jpg', 'p0/i2/y.jpg', 'p9/i1/z.jpg']
@@ -232,6 +280,14 @@ def test_images_are_listed_sorted_and_loaded_as_rgb(tmp_path: Path) -> None:
         load_image(tmp_path / 'broken.png')
     with pytest.raises(ConfigError, match='no images'):
         list_images(tmp_path, '*.jpg')
+
+
+def test_images_are_listed_in_frame_number_order(tmp_path: Path) -> None:
+    image = np.zeros((4, 4, 3), np.uint8)
+    for i in (1, 2, 10, 11, 9):
+        cv2.imwrite(str(tmp_path / f'{i}.png'), image)
+    names = [p.name for p in list_images(tmp_path)]
+    assert names == ['1.png', '2.png', '9.png', '10.png', '11.png']
 
 
 # -- end to end -----------------------------------------------------------------------------
@@ -270,7 +326,7 @@ def test_evaluate_finds_every_place_and_reports_both_methods(dataset: Path, defa
     query_paths = list_images(dataset / 'aligned/queries')
     names = [p.name for p in query_paths]
     positives = positives_frame_aligned([p.name for p in db_paths], names, tolerance=0)
-    positives.append(np.zeros(0, np.int64))  # a query without a positive is skipped
+    positives.append(np.zeros(0, np.int64))  # matched, but out of Recall@N
     result = evaluate(
         default_model,
         db_paths,
@@ -281,11 +337,12 @@ def test_evaluate_finds_every_place_and_reports_both_methods(dataset: Path, defa
         progress=False,
     )
     assert result.skipped_queries == ['lost.png']
-    assert result.query_names == names
+    assert result.query_names == [*names, 'lost.png']
     assert set(result.methods) == {RETRIEVAL, RERANKED}
     for method in result.methods.values():
         assert method.recalls == {1: 1.0, 5: None, 10: None, 20: None}
-        assert method.predictions[:, 0].tolist() == list(range(PLACES))
+        assert method.predictions[:, 0].tolist() == [*range(PLACES), 0]
+        assert method.correct.tolist() == [True] * PLACES + [False]
         assert (method.latencies_s > 0).all()
     retrieval = result.methods[RETRIEVAL].predictions
     reranked = result.methods[RERANKED].predictions
@@ -293,8 +350,35 @@ def test_evaluate_finds_every_place_and_reports_both_methods(dataset: Path, defa
     for row_retrieval, row_reranked in zip(retrieval, reranked):
         assert sorted(row_reranked[:2]) == sorted(row_retrieval[:2])
         assert row_reranked[2:].tolist() == row_retrieval[2:].tolist()
-    assert result.query_globals.shape == (PLACES, default_model.global_dim)
-    assert 'retrieval' in result.table() and 'n/a' in result.table()
+    assert result.query_globals.shape == (PLACES + 1, default_model.global_dim)
+    table = result.table()
+    assert 'retrieval' in table and 'n/a' in table
+    assert f'{PLACES} queries (1 skipped without a positive)' in table
+    assert 'R@N leaves them out, R@100%P counts an accepted answer to one as wrong' in table
+
+
+def test_evaluate_refuses_queries_without_any_positive_before_extracting(
+    tmp_path: Path, default_model
+) -> None:
+    missing = [tmp_path / 'not_extracted.png']  # the reference is never read
+    message = 'none of 2 queries has a positive in the reference; check --gt'
+    with pytest.raises(ConfigError, match=message):
+        evaluate(default_model, missing, missing * 2, [[], []], progress=False)
+
+
+def test_evaluate_cli_reports_queries_without_any_positive_without_a_traceback(
+    dataset: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = evaluate_main(
+        [
+            *('--db-images', str(dataset / 'aligned/db'), '--db-glob', 'frame000.png'),
+            *('--queries', str(dataset / 'aligned/queries'), '--query-glob', 'frame00[45].png'),
+            *('--gt', 'aligned', '--tolerance', '0', '--no-progress'),
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: none of 2 queries has a positive') and 'Traceback' not in err
 
 
 def test_evaluate_cli_scores_utm_named_images_end_to_end(dataset: Path, tmp_path: Path) -> None:
@@ -346,6 +430,28 @@ def test_evaluate_cli_matches_queries_against_a_map_by_pose(
     assert '3 queries (0 skipped without a positive) vs 6 reference places' in table
     retrieval_row = next(line for line in table.splitlines() if line.startswith('retrieval'))
     assert retrieval_row.split()[1:5] == ['100.0'] * 4
+
+
+def test_evaluate_cli_refuses_map_poses_in_another_frame_than_the_utm_names(
+    dataset: Path, tmp_path: Path, default_model, capsys: pytest.CaptureFixture
+) -> None:
+    utm = np.array([[432100.0 + SPACING_M * i, 5401000.0] for i in range(2)])
+    queries = tmp_path / 'queries'
+    queries.mkdir()
+    for i, (east, north) in enumerate(utm):
+        image = cv2.cvtColor(viewed_again(synthetic_place(i)), cv2.COLOR_RGB2BGR)
+        cv2.imwrite(str(queries / f'@{east + 3:.1f}@{north:.1f}@q{i}.png'), image)
+    # Odometry poses: the same places, but relative to where the mapping run started.
+    db_paths = list_images(dataset / 'utm/db')[:2]
+    odometry = utm - utm[0]
+    build_reference_database(default_model, db_paths, positions=odometry).save(tmp_path / 'map')
+    code = evaluate_main(
+        ['--map', str(tmp_path / 'map'), '--queries', str(queries), '--gt', 'utm', '--no-progress']
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert 'no query is within 10 km of any place' in err
+    assert 'same (UTM east/north) frame as the query names' in err
 
 
 def test_evaluate_cli_scores_place_folders(dataset: Path, tmp_path: Path) -> None:
@@ -407,6 +513,29 @@ def test_evaluate_cli_reports_sequence_matching_beside_single_frames(
     assert list(results['methods']) == [RETRIEVAL, RERANKED, SEQUENCE]
     assert results['methods'][SEQUENCE]['recall_at_n']['R@1'] == 1.0
     assert results['args']['sequence']['length'] == 3
+
+
+def test_evaluate_cli_runs_sequences_over_every_query_not_only_those_with_a_positive(
+    dataset: Path, tmp_path: Path
+) -> None:
+    # frame003 is missing from the reference: its query has no positive, but the matcher
+    # must still see it, in order, rather than a route spliced from 002 to 004.
+    code = evaluate_main(
+        [
+            *('--db-images', str(dataset / 'aligned/db'), '--db-glob', 'frame00[01245].png'),
+            *('--queries', str(dataset / 'aligned/queries'), '--gt', 'aligned'),
+            *('--tolerance', '0', '--mode', 'sequence', '--sequence-length', '2'),
+            *('--out', str(tmp_path), '--no-progress'),
+        ]
+    )
+    assert code == 0
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['num_queries'] == PLACES - 1 and results['num_queries_matched'] == PLACES
+    assert results['skipped_queries'] == ['frame003.png']
+    rows = (tmp_path / 'per_query.csv').read_text().splitlines()[1:]
+    assert [row.split(',')[0] for row in rows] == [f'frame{i:03d}.png' for i in range(PLACES)]
+    off_route = rows[3].split(',')
+    assert off_route[1] == '' and off_route[3] == '0'  # no positive: never correct
 
 
 def test_evaluate_cli_runs_patch_normalised_sequences_without_a_model(

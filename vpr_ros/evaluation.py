@@ -6,10 +6,12 @@ with retrieval only (``rerank_k = 0``) and once with the configured re-ranking, 
 of those *methods* is scored:
 
 * Recall@N (cumulative): a query counts at N if any of its first N predictions is a
-  positive (a reference place that shows the same place);
+  positive (a reference place that shows the same place); over the queries that have a
+  positive;
 * the precision-recall curve of the top-1 answer thresholded on its confidence, and the
-  recall at 100 % precision (the fraction of all queries accepted, all correctly, at the
-  best threshold that accepts no wrong answer);
+  recall at 100 % precision (the fraction of the queries with a positive accepted, all
+  correctly, at the best threshold that accepts no wrong answer). Queries without a
+  positive (e.g. off the mapped route) count here too: accepting one is a wrong answer;
 * per-query latency (query extraction + matching; image decoding excluded), median and
   95th percentile.
 
@@ -77,14 +79,25 @@ VPRBENCH_CONVERSION = (
     'db_index=np.array([d for _, d in p], int), num_queries=len(g))"'
 )
 
-_UTM_PATTERN = re.compile(r'@\s*([-+0-9.eE]+)\s*@\s*([-+0-9.eE]+)\s*@')
-
-
 # -- images ---------------------------------------------------------------------------------
 
 
+def natural_key(name: str | os.PathLike) -> tuple[list[int | str], str]:
+    """Sort key that orders the digit runs of a name by value: ``f2`` before ``f10``.
+
+    Frame numbers are rarely zero-padded the same way across datasets, and a plain string
+    sort would put ``10`` between ``1`` and ``2``, scrambling traverses and sequences.
+    """
+    text = PurePath(name).as_posix() if isinstance(name, PurePath) else os.fspath(name)
+    parts = [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', text)]
+    return parts, text
+
+
 def list_images(root: str | os.PathLike, pattern: str = '**/*') -> list[Path]:
-    """Image files under ``root`` matching ``pattern`` (a ``Path.glob`` pattern), sorted.
+    """Image files under ``root`` matching ``pattern`` (a ``Path.glob`` pattern).
+
+    Sorted naturally (``natural_key``: ``2.png`` before ``10.png``), which is the frame
+    order of traverses and sequences and the index order of VPR-Bench ground truth.
 
     Raises:
         FileNotFoundError: ``root`` is not a directory.
@@ -94,7 +107,8 @@ def list_images(root: str | os.PathLike, pattern: str = '**/*') -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f'image folder {str(root)!r} does not exist')
     paths = sorted(
-        p for p in root.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        (p for p in root.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        key=lambda p: natural_key(p.relative_to(root)),
     )
     if not paths:
         msg = (
@@ -128,21 +142,32 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 def parse_utm(name: str | os.PathLike) -> tuple[float, float]:
     """(east, north) in metres from a file name ``...@east@north@...`` (gmberton convention).
 
+    The coordinates are the first two ``@``-separated fields of the file name (the VPR
+    dataset format ``@utm_east@utm_north@utm_zone@...@.jpg``); both must be finite numbers.
+    Training and evaluation read names with this one function.
+
     Raises:
-        ConfigError: the name has no ``@east@north@`` part.
+        ConfigError: the name has no ``@east@north@`` part, or its fields are not numbers.
     """
     base = PurePath(name).name
-    match = _UTM_PATTERN.search(base)
-    if match is None:
+    parts = base.split('@')
+    if len(parts) < 4:
         msg = (
             f'file name {base!r} has no UTM coordinates; name images '
             f"'@<east>@<north>@....jpg' (metres) or use another ground truth (--gt)"
         )
         raise ConfigError(msg)
     try:
-        return float(match.group(1)), float(match.group(2))
+        east, north = float(parts[1]), float(parts[2])
     except ValueError:
-        raise ConfigError(f'file name {base!r}: UTM coordinates are not numbers') from None
+        east = north = math.nan
+    if not (math.isfinite(east) and math.isfinite(north)):
+        msg = (
+            f'file name {base!r}: UTM coordinates {parts[1]!r}, {parts[2]!r} are not finite '
+            f"numbers; name images '@<east>@<north>@....jpg' (metres)"
+        )
+        raise ConfigError(msg)
+    return east, north
 
 
 def positives_within_radius(
@@ -184,7 +209,7 @@ def positives_from_vprbench(
 ) -> list[np.ndarray]:
     """Positives from a VPR-Bench style ground-truth file, read with ``allow_pickle=False``.
 
-    Query i is the i-th query image in sorted order; reference j the j-th reference image
+    Query i is the i-th query image in ``list_images`` order; reference j the j-th reference image
     (or map place). Accepted files:
 
     * ``.npy`` bool (Q, N): ``gt[i, j]`` is True when reference j is a positive of query i
@@ -310,9 +335,9 @@ def positives_frame_aligned(
 ) -> list[np.ndarray]:
     """Positives for frame-aligned traverses: the reference with the query's name +- k frames.
 
-    Reference frames are ordered by name; the positives of a query are the references
-    within ``tolerance`` positions of the one with the same name. A query whose name has
-    no reference gets no positive.
+    Reference frames are ordered by name, naturally (``natural_key``: ``2`` before ``10``);
+    the positives of a query are the references within ``tolerance`` positions of the one
+    with the same name. A query whose name has no reference gets no positive.
 
     Args:
         db_names: reference names (e.g. file names relative to the reference folder).
@@ -324,7 +349,7 @@ def positives_frame_aligned(
     """
     if tolerance < 0:
         raise ValueError(f'tolerance must be >= 0 frames, got {tolerance!r}')
-    order = sorted(range(len(db_names)), key=lambda i: db_names[i])
+    order = sorted(range(len(db_names)), key=lambda i: natural_key(db_names[i]))
     rank = {db_names[i]: r for r, i in enumerate(order)}
     if len(rank) != len(db_names):
         raise ConfigError('reference names repeat; frame-aligned ground truth needs unique names')
@@ -366,18 +391,41 @@ def positives_same_folder(
     return [np.array(groups.get(key(name), []), np.int64) for name in query_names]
 
 
+def require_a_positive(positives: Sequence[Sequence[int] | np.ndarray]) -> None:
+    """Fail early, before any extraction, when no query has a positive to score against.
+
+    Raises:
+        ConfigError: every query's positives are empty (or there are no queries).
+    """
+    if not any(len(p) for p in positives):
+        msg = (
+            f'none of {len(positives)} queries has a positive in the reference; check '
+            f'--gt/--radius-m/--tolerance and that the queries and the reference show the '
+            f'same area'
+        )
+        raise ConfigError(msg)
+
+
 # -- metrics --------------------------------------------------------------------------------
 
 
 def first_hit_ranks(predictions: np.ndarray, positives: Sequence[Iterable[int]]) -> np.ndarray:
     """For each query the 0-based rank of its first positive prediction (-1 if none)."""
-    predictions = np.asarray(predictions).reshape(len(positives), -1)
+    predictions = _prediction_rows(predictions, len(positives))
     ranks = np.full(len(predictions), -1, np.int64)
     for q, (row, pos) in enumerate(zip(predictions, positives)):
         hits = np.flatnonzero(np.isin(row, np.asarray(list(pos), np.int64)) & (row >= 0))
         if len(hits):
             ranks[q] = hits[0]
     return ranks
+
+
+def _prediction_rows(predictions: np.ndarray, count: int) -> np.ndarray:
+    """``predictions`` as (count, K) int64; a 1-D array is one prediction per query."""
+    predictions = np.asarray(predictions, np.int64)
+    if predictions.ndim < 2:
+        predictions = predictions.reshape(-1, 1)
+    return predictions.reshape(count, predictions.shape[-1])
 
 
 def recall_at_n(
@@ -402,17 +450,21 @@ def recall_at_n(
 
 
 def precision_recall_curve(
-    is_correct: np.ndarray, confidence: np.ndarray
+    is_correct: np.ndarray, confidence: np.ndarray, *, num_relevant: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision and recall of the top-1 answers accepted at each confidence threshold.
 
     A query is accepted when its confidence is >= the threshold. Precision = correct
-    accepted / accepted; recall = correct accepted / all queries (so a perfect system
-    reaches recall 1 only if it accepts every query, correctly).
+    accepted / accepted; recall = correct accepted / ``num_relevant`` (so a perfect system
+    reaches recall 1 only if it accepts every query that has a positive, correctly).
+    Queries without a positive belong in ``is_correct`` as False: accepting one is a wrong
+    answer that lowers precision, and rejecting it costs no recall.
 
     Args:
         is_correct: (Q,) whether each query's top-1 answer is a positive.
         confidence: (Q,) its confidence.
+        num_relevant: the queries that have a positive (the recall denominator; default
+            all Q).
 
     Returns:
         precision, recall, thresholds: each (T,), thresholds decreasing (recall increasing),
@@ -434,16 +486,22 @@ def precision_recall_curve(
     true_positives = true_positives[last_of_threshold]
     accepted = accepted[last_of_threshold]
     precision = true_positives / accepted
-    recall = true_positives / len(scores)
+    relevant = len(scores) if num_relevant is None else int(num_relevant)
+    recall = true_positives / relevant if relevant > 0 else np.zeros(len(true_positives))
     return precision, recall, scores[last_of_threshold]
 
 
-def recall_at_100_precision(is_correct: np.ndarray, confidence: np.ndarray) -> float:
+def recall_at_100_precision(
+    is_correct: np.ndarray, confidence: np.ndarray, *, num_relevant: int | None = None
+) -> float:
     """The largest recall at a confidence threshold where every accepted answer is correct.
 
-    0 when the most confident answer is already wrong.
+    0 when the most confident answer is already wrong. ``num_relevant`` as in
+    ``precision_recall_curve``.
     """
-    precision, recall, _ = precision_recall_curve(is_correct, confidence)
+    precision, recall, _ = precision_recall_curve(
+        is_correct, confidence, num_relevant=num_relevant
+    )
     perfect = precision >= 1.0 - 1e-12
     return float(recall[perfect].max()) if perfect.any() else 0.0
 
@@ -474,7 +532,7 @@ def plot_pr_curve(
         r = np.r_[0.0, np.asarray(recall, np.float64)]
         p = np.r_[precision[0] if len(precision) else 1.0, np.asarray(precision, np.float64)]
         axes.step(r, p, where='post', label=label)
-    axes.set_xlabel('recall (fraction of all queries accepted and correct)')
+    axes.set_xlabel('recall (fraction of queries with a positive accepted and correct)')
     axes.set_ylabel('precision')
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1.02)
@@ -546,28 +604,44 @@ def summarize(
 ) -> MethodResult:
     """Score one method from its predictions; the hook other modes (sequences) plug into.
 
+    Every query the method answered is a row, in order, including queries without a
+    positive (e.g. frames off the mapped route):
+
+    * Recall@N is over the queries with a positive only;
+    * the precision-recall curve and recall at 100 % precision count every query: an
+      accepted answer to a query without a positive is wrong (lowers precision), while
+      recall's denominator is the number of queries with a positive.
+
     Args:
         name: the method's label.
         predictions: (Q, K) reference indices, best first, -1 padded.
         confidences: (Q,) confidence of each top-1 answer.
-        positives: for each query, its positive reference indices.
+        positives: for each query, its positive reference indices (may be empty).
         latencies_s: (Q,) per-query latency in seconds.
         num_db: the reference size (Recall@N with N > K is known only when K >= num_db).
         ns: the N of Recall@N.
     """
-    predictions = np.asarray(predictions, np.int64).reshape(len(positives), -1)
+    positives = [np.asarray(list(p), np.int64) for p in positives]
+    predictions = _prediction_rows(predictions, len(positives))
     confidences = np.asarray(confidences, np.float64).reshape(-1)
     width = predictions.shape[1]
-    recalls: dict[int, float | None] = dict(recall_at_n(predictions, positives, ns))
+    has_positive = np.array([len(p) > 0 for p in positives], bool).reshape(-1)
+    scored = [p for p, has in zip(positives, has_positive) if has]
+    recalls: dict[int, float | None] = dict(recall_at_n(predictions[has_positive], scored, ns))
     for n in ns:
         if n > width and width < num_db:
             recalls[int(n)] = None
     correct = first_hit_ranks(predictions[:, :1], positives) == 0  # -1: wrong
-    precision, recall, thresholds = precision_recall_curve(correct, confidences)
+    relevant = int(has_positive.sum())
+    precision, recall, thresholds = precision_recall_curve(
+        correct, confidences, num_relevant=relevant
+    )
     return MethodResult(
         name=name,
         recalls=recalls,
-        recall_at_100_precision=recall_at_100_precision(correct, confidences),
+        recall_at_100_precision=recall_at_100_precision(
+            correct, confidences, num_relevant=relevant
+        ),
         precision=precision,
         recall=recall,
         thresholds=thresholds,
@@ -582,8 +656,9 @@ def summarize(
 class EvaluationResult:
     """The scores of every method on one query set, and what they were computed from.
 
-    ``query_names``/``positives``/``query_globals`` cover the evaluated queries only
-    (queries without any positive are skipped and listed in ``skipped_queries``).
+    ``query_names``/``positives``/``query_globals`` cover every query, in order; the
+    queries without any positive are also listed in ``skipped_queries``: they are left out
+    of Recall@N, and in the precision-recall curve an accepted answer to one is wrong.
     ``extract_latencies_s`` is each query's extraction time, which every method includes.
     """
 
@@ -605,7 +680,8 @@ class EvaluationResult:
     def summary(self) -> dict:
         """JSON-able summary: counts, configuration and each method's scores."""
         return {
-            'num_queries': len(self.query_names),
+            'num_queries': len(self.query_names) - len(self.skipped_queries),
+            'num_queries_matched': len(self.query_names),
             'num_queries_skipped_without_positive': len(self.skipped_queries),
             'num_db': self.num_db,
             'conf': self.conf,
@@ -648,10 +724,16 @@ class EvaluationResult:
         if len(self.extract_latencies_s):
             extract = _percentile_ms(self.extract_latencies_s, 50)
             latency = f'latency = query extraction (median {extract:.1f} ms) + matching'
+        scored = len(self.query_names) - len(self.skipped_queries)
         lines.append(
-            f'{len(self.query_names)} queries ({len(self.skipped_queries)} skipped without a '
+            f'{scored} queries ({len(self.skipped_queries)} skipped without a '
             f'positive) vs {self.num_db} reference places; recalls in %; {latency}'
         )
+        if self.skipped_queries:
+            lines.append(
+                'queries without a positive were still matched (sequences see every frame); '
+                'R@N leaves them out, R@100%P counts an accepted answer to one as wrong'
+            )
         return '\n'.join(lines)
 
 
@@ -796,7 +878,9 @@ def evaluate(
         reference: a map, or reference image files (extracted into an in-memory map).
         queries: query image files.
         positives: for each query, its positive reference indices (map place indices).
-            Queries without a positive are skipped.
+            Queries without a positive are matched like the others (so a sequence sees
+            the whole run) but left out of Recall@N; in the precision-recall curve their
+            answer is wrong if accepted (see ``summarize``).
         conf: relocalization settings (``DEFAULT_RELOCALIZATION_CONF`` keys).
         query_names: names for the report (default: the paths).
         reference_positions: (N, 2) metres for reference images (ignored for a map).
@@ -804,6 +888,9 @@ def evaluate(
         batch_size: images per forward pass for the reference images.
         num_threads: torch (and faiss) threads.
         progress: show progress bars.
+
+    Raises:
+        ConfigError: no query has a positive (checked before any extraction).
     """
     conf = {**DEFAULT_RELOCALIZATION_CONF, **(conf or {})}
     positives = [np.asarray(sorted(set(int(i) for i in p)), np.int64) for p in positives]
@@ -821,6 +908,16 @@ def evaluate(
             int(conf['top_k']),
             max(ns),
         )
+    require_a_positive(positives)
+    skipped = [names[q] for q, p in enumerate(positives) if not len(p)]
+    if skipped:
+        logger.warning(
+            '%d of %d queries have no positive in the reference: matched, left out of '
+            'Recall@N, and wrong if accepted in the PR curve (e.g. %r)',
+            len(skipped),
+            len(queries),
+            skipped[0],
+        )
     reference_seconds = 0.0
     if isinstance(reference, PlaceDatabase):
         database = reference
@@ -835,15 +932,6 @@ def evaluate(
             progress=progress,
         )
         reference_seconds = time.perf_counter() - started
-    keep = [q for q, p in enumerate(positives) if len(p)]
-    skipped = [names[q] for q, p in enumerate(positives) if not len(p)]
-    if skipped:
-        logger.warning(
-            '%d of %d queries have no positive in the reference and are skipped (e.g. %r)',
-            len(skipped),
-            len(queries),
-            skipped[0],
-        )
     top_k = int(conf['top_k'])
     plain = Relocalizer(model, database, {**conf, 'rerank_k': 0}, num_threads=num_threads)
     rerank_k = min(int(conf['rerank_k']), top_k)
@@ -852,7 +940,7 @@ def evaluate(
         reranker = Relocalizer(model, database, conf, num_threads=num_threads)
     elif rerank_k > 0:
         logger.warning('the map has no local features: reporting retrieval only')
-    count = len(keep)
+    count = len(queries)
     predictions = {RETRIEVAL: np.full((count, top_k), -1, np.int64)}
     confidences = {RETRIEVAL: np.zeros(count)}
     latencies = {RETRIEVAL: np.zeros(count)}
@@ -862,8 +950,8 @@ def evaluate(
         latencies[RERANKED] = np.zeros(count)
     extract_s = np.zeros(count)
     query_globals = np.zeros((count, database.model.global_dim), np.float32)
-    for row, q in enumerate(tqdm(keep, desc='queries', unit='img', disable=not progress)):
-        image = load_image(queries[q])
+    for row, path in enumerate(tqdm(queries, desc='queries', unit='img', disable=not progress)):
+        image = load_image(path)
         started = time.perf_counter()
         descriptors = plain.describe(image)
         extracted = time.perf_counter()
@@ -885,13 +973,12 @@ def evaluate(
             ordered = head + [i for i in ids if i not in in_head]
             predictions[RERANKED][row, : len(ordered)] = ordered
             confidences[RERANKED][row] = reranked[0].confidence if reranked else 0.0
-    kept_positives = [positives[q] for q in keep]
     methods = {
         name: summarize(
             name,
             predictions[name],
             confidences[name],
-            kept_positives,
+            positives,
             latencies[name],
             num_db=len(database),
             ns=ns,
@@ -900,8 +987,8 @@ def evaluate(
     }
     return EvaluationResult(
         methods=methods,
-        query_names=[names[q] for q in keep],
-        positives=kept_positives,
+        query_names=names,
+        positives=positives,
         num_db=len(database),
         conf={**conf, 'rerank_k': rerank_k if reranker is not None else 0},
         database=database,

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from vpr_ros import logger
 from vpr_ros.cli.common import parse_with_params_file, run_cli
@@ -46,6 +47,7 @@ from vpr_ros.evaluation import (
     positives_same_folder,
     positives_within_radius,
     relative_names,
+    require_a_positive,
     sequence_descriptors,
     write_results,
 )
@@ -54,6 +56,8 @@ from vpr_ros.relocalization import DEFAULT_RELOCALIZATION_CONF
 
 GT_MODES = ('utm', 'vprbench:FILE', 'aligned', 'folder')
 MODES = ('single', 'sequence', 'both')
+# --gt utm with --map: map poses farther than this from every query are in another frame.
+FRAME_CHECK_M = 10_000.0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -62,8 +66,10 @@ def make_parser() -> argparse.ArgumentParser:
         description=(
             'Evaluate place recognition: match query images against a map or a folder of '
             'reference images with the shipped pipeline and report Recall@N with and without '
-            're-ranking, recall at 100 % precision and per-query latency. Queries without a '
-            'positive in the reference are skipped.'
+            're-ranking, recall at 100 % precision and per-query latency. Images are ordered by '
+            'name with numbers by value (2 before 10). Queries without a positive in the '
+            'reference are still matched but left out of Recall@N; in the precision-recall '
+            'curve an accepted answer to one is wrong.'
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -158,7 +164,7 @@ def make_parser() -> argparse.ArgumentParser:
         choices=MODES,
         default='single',
         help='single: single-frame retrieval and re-ranking; sequence: sequence matching '
-        'over the queries in sorted order (vpr_ros.sequence); both: all three',
+        'over every query in name order (vpr_ros.sequence); both: all three',
     )
     parser.add_argument(
         '--sequence-length',
@@ -227,6 +233,27 @@ def _sequence_conf(args: argparse.Namespace) -> dict | None:
     return check_sequence_conf(conf)
 
 
+def _check_same_frame(map_dir: Path, map_xy: np.ndarray, query_xy: np.ndarray) -> None:
+    """Refuse map poses and UTM query names that are clearly not in the same frame.
+
+    Raises:
+        ConfigError: no query is within ``FRAME_CHECK_M`` of any map place.
+    """
+    if not len(map_xy) or not len(query_xy):
+        return
+    distance, _ = cKDTree(map_xy).query(query_xy)
+    if (distance <= FRAME_CHECK_M).any():
+        return
+    msg = (
+        f'no query is within {FRAME_CHECK_M / 1000:.0f} km of any place of map '
+        f'{str(map_dir)!r} (the closest is {distance.min() / 1000:.0f} km away); --gt utm '
+        f'needs the map poses in the same (UTM east/north) frame as the query names, not '
+        f'odometry or a local ENU frame; rebuild the map with UTM poses or use '
+        f'--gt vprbench:FILE'
+    )
+    raise ConfigError(msg)
+
+
 def _ground_truth(
     args: argparse.Namespace,
     gt: str,
@@ -246,6 +273,7 @@ def _ground_truth(
                 )
                 raise ConfigError(msg)
             query_xy = np.array([parse_utm(p) for p in queries]).reshape(-1, 2)
+            _check_same_frame(args.map, xy, query_xy)
             return positives_within_radius(xy, query_xy, args.radius_m), None
         positions = np.array([parse_utm(p) for p in reference]).reshape(-1, 2)
         return positives_from_utm(reference, queries, args.radius_m), positions
@@ -325,17 +353,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress = not args.no_progress
 
         patch_norm = sequence_conf is not None and sequence_conf['descriptor'] == 'patch_norm'
+        require_a_positive(positives)  # before the model and any extraction
+        skipped = [n for n, p in zip(query_names, positives) if not len(p)]
         if args.mode == 'sequence' and patch_norm:
-            # No model needed: the result only carries the kept queries.
-            keep = [q for q, p in enumerate(positives) if len(p)]
-            kept = set(keep)
+            # No model needed: the result only carries the queries and their ground truth.
             result = EvaluationResult(
                 methods={},
-                query_names=[query_names[q] for q in keep],
-                positives=[np.asarray(positives[q], np.int64) for q in keep],
+                query_names=list(query_names),
+                positives=[np.asarray(p, np.int64) for p in positives],
                 num_db=len(reference),
                 conf={},
-                skipped_queries=[n for q, n in enumerate(query_names) if q not in kept],
+                skipped_queries=skipped,
             )
         else:
             relocalization = dict(conf['relocalization'])
@@ -377,14 +405,16 @@ def _run_sequence(
     reference: PlaceDatabase | list[Path],
     positions: np.ndarray | None,
 ) -> MethodResult:
-    """Sequence matching over the evaluated queries (in sorted order)."""
+    """Sequence matching over every query, in (natural) name order.
+
+    The matcher sees every query frame, with or without a positive, so the ground truth
+    does not splice the route it follows; rows without a positive are dropped only when
+    scoring (``summarize``).
+    """
     progress = not args.no_progress
     if conf['descriptor'] == 'patch_norm':
-        kept = set(result.query_names)
-        names = relative_names(queries, args.queries)
-        paths = [p for p, name in zip(queries, names) if name in kept]
         query_descriptors, latencies = sequence_descriptors(
-            paths, conf, desc='query sequence descriptors', progress=progress
+            queries, conf, desc='query sequence descriptors', progress=progress
         )
         map_descriptors, _ = sequence_descriptors(
             reference, conf, desc='reference sequence descriptors', progress=progress
