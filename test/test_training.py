@@ -13,11 +13,14 @@ import torch.nn.functional as F
 from conftest import synthetic_place, viewed_again
 from safetensors.torch import load_file
 
+from vpr_ros import evaluation, training
 from vpr_ros.cli.train import main as train_main
 from vpr_ros.errors import ConfigError
+from vpr_ros.evaluation import parse_utm, recall_at_n
 from vpr_ros.models import load_model
 from vpr_ros.rerank import mutual_nn_matches
 from vpr_ros.training import (
+    PlaceImages,
     TrainConfig,
     TripletMiner,
     VprSplit,
@@ -25,8 +28,7 @@ from vpr_ros.training import (
     make_optimizer,
     mnn_local_loss,
     mnn_similarity,
-    parse_utm,
-    recall_at_n,
+    recall_percent,
     train,
     train_step,
 )
@@ -125,10 +127,29 @@ def test_vpr_file_names_give_utm_positions_and_positives(dataset: Path) -> None:
     assert [p.tolist() for p in split.positives(10.0)] == [[i] for i in range(6)]
 
 
+@pytest.mark.parametrize(
+    'name',
+    ['@abc@500000@4000000@.jpg', '@500000@nan@17@.jpg', '@500000@4000000.jpg', 'x@1@.png'],
+)
+def test_training_and_evaluation_refuse_the_same_bad_utm_names(name: str) -> None:
+    assert training.parse_utm is evaluation.parse_utm  # one reader, one behaviour
+    with pytest.raises(ConfigError, match='UTM'):
+        evaluation.parse_utm(name)
+
+
+def test_training_lists_every_image_type_in_frame_number_order(tmp_path: Path) -> None:
+    image = synthetic_place(0, (60, 80))
+    for i, suffix in ((10, '.webp'), (2, '.bmp'), (1, '.png')):
+        cv2.imwrite(str(tmp_path / f'@{500000 + i}@4000000@{i}@.{suffix[1:]}'), image)
+    images = PlaceImages.from_folder(tmp_path)
+    assert [p.suffix for p in images.paths] == ['.png', '.bmp', '.webp']
+    assert images.utm[:, 0].tolist() == [500001.0, 500002.0, 500010.0]
+
+
 def test_recall_at_n_counts_queries_with_a_positive_in_the_first_n() -> None:
     predictions = np.array([[0, 1, 2], [2, 1, 0], [1, 2, 0]])
     positives = [np.array([0]), np.array([0]), np.array([5])]
-    recalls = recall_at_n(predictions, positives, (1, 2, 3))
+    recalls = recall_percent(recall_at_n(predictions, positives, (1, 2, 3)))
     assert recalls == pytest.approx({'R@1': 100 / 3, 'R@2': 100 / 3, 'R@3': 200 / 3})
 
 

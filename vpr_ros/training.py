@@ -41,11 +41,11 @@ from tqdm import tqdm
 
 from vpr_ros import logger
 from vpr_ros.errors import ConfigError, ModelError
+from vpr_ros.evaluation import list_images, parse_utm, recall_at_n
 from vpr_ros.models import save_model
 from vpr_ros.models.base import VprModel, conf_hash
-from vpr_ros.rerank import mnn_scores
+from vpr_ros.rerank import mnn_scores, mutual_nn_mask
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 LAST_DIR = 'last'
 BEST_DIR = 'best'
 STATE_FILE = 'train_state.json'
@@ -54,23 +54,6 @@ OPTIMIZER_FILE = 'optimizer.safetensors'
 
 # --------------------------------------------------------------------------------------
 # Data
-
-
-def parse_utm(path: str | os.PathLike) -> tuple[float, float]:
-    """UTM (east, north) in metres from a VPR-format file name ``@east@north@...``.
-
-    Raises:
-        ConfigError: the name does not carry two numbers between ``@``.
-    """
-    parts = Path(path).name.split('@')
-    try:
-        return float(parts[1]), float(parts[2])
-    except (IndexError, ValueError):
-        msg = (
-            f'image name {Path(path).name!r} does not carry UTM coordinates; VPR-format names '
-            "look like '@<east>@<north>@...@.jpg' (metres)"
-        )
-        raise ConfigError(msg) from None
 
 
 @dataclass
@@ -82,14 +65,13 @@ class PlaceImages:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> PlaceImages:
-        """All images under ``folder`` (recursively), sorted by path."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f'image folder {str(folder)!r} does not exist')
-        paths = sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            msg = f'no images ({", ".join(IMAGE_SUFFIXES)}) in {str(folder)!r}'
-            raise ConfigError(msg)
+        """All images under ``folder`` (recursively), in ``list_images`` order.
+
+        Raises:
+            FileNotFoundError: ``folder`` is not a directory.
+            ConfigError: no images, or a name without ``@east@north@`` (``parse_utm``).
+        """
+        paths = list_images(folder)
         utm = np.array([parse_utm(p) for p in paths], np.float64).reshape(-1, 2)
         return cls(paths, utm)
 
@@ -151,11 +133,7 @@ def mnn_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         (B,) mean cosine similarity over the MNN matches of each pair (0 without matches).
     """
     sim = a @ b.transpose(1, 2)  # (B, L1, L2)
-    with torch.no_grad():
-        nn12 = sim.argmax(dim=2)  # (B, L1)
-        nn21 = sim.argmax(dim=1)  # (B, L2)
-        rows = torch.arange(sim.shape[1], device=sim.device)
-        mutual = torch.gather(nn21, 1, nn12) == rows
+    mutual, nn12 = mutual_nn_mask(sim.detach())
     best = torch.gather(sim, 2, nn12.unsqueeze(-1)).squeeze(-1)  # (B, L1)
     count = mutual.sum(dim=1).clamp(min=1)
     return (best * mutual).sum(dim=1) / count
@@ -384,24 +362,9 @@ class TripletMiner:
         return triplets
 
 
-def recall_at_n(
-    predictions: np.ndarray, positives: Sequence[np.ndarray], ns: Sequence[int]
-) -> dict[str, float]:
-    """Recall@N in percent: queries with a positive among their first N predictions.
-
-    Args:
-        predictions: (Q, K) database indices, best first (K >= max(ns) or fewer if the
-            database is smaller).
-        positives: for each query, its positive database indices.
-        ns: the N values.
-    """
-    hits = np.zeros(len(ns))
-    for pred, pos in zip(predictions, positives):
-        found = np.flatnonzero(np.isin(pred, pos))
-        if len(found):
-            hits += np.array([found[0] < n for n in ns])
-    total = max(1, len(predictions))
-    return {f'R@{n}': float(100.0 * h / total) for n, h in zip(ns, hits)}
+def recall_percent(recalls: dict[int, float]) -> dict[str, float]:
+    """``evaluation.recall_at_n`` output as training logs and checkpoints it: {'R@N': %}."""
+    return {f'R@{n}': 100.0 * r for n, r in recalls.items()}
 
 
 def validate(model: VprModel, split: VprSplit, config: TrainConfig) -> dict[str, float]:
@@ -426,7 +389,7 @@ def validate(model: VprModel, split: VprSplit, config: TrainConfig) -> dict[str,
             mnn = mnn_scores(q_l[i], db_l[top])
             order = np.lexsort((-scores[i, :rerank_k], -mnn))
             pred[i, :rerank_k] = top[order]
-    return recall_at_n(pred, positives, config.recall_values)
+    return recall_percent(recall_at_n(pred, positives, config.recall_values))
 
 
 # --------------------------------------------------------------------------------------
