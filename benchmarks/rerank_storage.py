@@ -15,7 +15,8 @@ SelaVPR-sized maps (a 224 x 224 input; random weights, which do not change the t
 
 Table 2: the effect on R@1 with real images. SelaVPR's weights are not available here
 (a random SelaVPR recognises nothing), so the choices are applied to the default model's
-local features instead (EfficientNet-Lite0, ImageNet, its stride-16 map), on
+local features instead (EfficientNet-Lite0, ImageNet, its unpooled stride-16 map:
+``local_pool`` 1, where the registry conf pools by 2), on
 gardens_sfu_places (database: view i0 of each place; queries: the other views; re-rank
 all candidates) and on the first ``--nordland-frames`` frames of nordland64 (winter
 queries against summer, correct within +-2 frames; re-rank the top 20)::
@@ -35,9 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vpr_ros.models import DEFAULT_MODEL, load_model
+from vpr_ros.models import load_model
 from vpr_ros.rerank import mnn_scores
 
+EFFICIENTNET = 'efficientnet_lite0_gem'  # its unpooled stride-16 local map
 CHOICES = ['fp32', 'fp16', 'pool2', 'pool4', 'top4', 'top8', 'top16']
 
 
@@ -142,7 +144,9 @@ def gardens_sets(root: Path) -> tuple[list[np.ndarray], list[int], list[np.ndarr
 
 
 def recall_table(data: Path, args: argparse.Namespace) -> None:
-    model = load_model(DEFAULT_MODEL)
+    # The registry conf pools the local map by 2; local_pool 1 keeps the stride-16 map that
+    # the fp32/stride-16 row stands for (the pooled variants are computed from it).
+    model = load_model(EFFICIENTNET, {'local_pool': 1})
     db, db_ids, queries, q_ids = gardens_sets(data / 'gardens_sfu_places')
     datasets = {}
     db_g, db_raw = describe(model, db)
@@ -163,7 +167,8 @@ def recall_table(data: Path, args: argparse.Namespace) -> None:
             f'{len(names)} winter q / summer db, re-rank top 20',
         )  # fmt: skip
     c, h, w = db_raw.shape[1:]
-    print(f'\n## Table 2: R@1 with {DEFAULT_MODEL} local features ({h}x{w}x{c} per place)')
+    size = f'{h}x{w}x{c} per place'
+    print(f'\n## Table 2: R@1 with {EFFICIENTNET} (local_pool 1) local features ({size})')
     for name, value in datasets.items():
         print(f'# {name}: {value[-1]}')
     names = list(datasets)

@@ -60,6 +60,19 @@ def test_options_of_another_aggregator_are_dropped_and_unknown_ones_refused() ->
         build_aggregator({'name': 'netvlad'}, 32)
 
 
+def test_options_of_another_aggregator_are_refused_unless_they_are_the_merged_default() -> None:
+    # {'name': 'gem', 'p': 3.0} is merged under every named configuration: p=3 is dropped.
+    assert isinstance(build_aggregator({'name': 'convap', 'p': 3.0}, 32), ConvAP)
+    with pytest.raises(
+        ConfigError, match=r"'convap' aggregation does not take.*'p'.*out_channels"
+    ):
+        build_aggregator({'name': 'convap', 'p': 2.0}, 32)
+    with pytest.raises(ConfigError, match=r"does not take options \['in_h'\]"):
+        build_aggregator({'name': 'convap', 'in_h': 6}, 32)
+    with pytest.raises(ConfigError, match="does not take options \\['p'\\]"):
+        load_model('efficientnet_lite0_convap', {'aggregation': {'p': 4.0}})
+
+
 def test_seeded_layers_are_the_same_every_time_and_leave_the_global_rng_alone() -> None:
     torch.manual_seed(5)
     expected_next = torch.rand(1)

@@ -14,8 +14,9 @@ from conftest import synthetic_place, viewed_again
 from vpr_ros.cli.prune import main as prune_main
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError, DatabaseError
+from vpr_ros.extraction import Extractor
 from vpr_ros.mapping import MapBuilder
-from vpr_ros.models import load_model, save_model
+from vpr_ros.models import DEFAULT_MODEL, load_model, save_model
 from vpr_ros.models.pruned import PrunedCnnVpr
 from vpr_ros.pruning import (
     BatchNormCalibrator,
@@ -185,6 +186,25 @@ def test_a_map_built_with_a_pruned_model_is_smaller_and_rejected_by_the_unpruned
 def test_taylor_importance_needs_gradients(resnet18) -> None:
     with pytest.raises(ConfigError, match='Taylor'):
         list(prune(resnet18, PruneConf(importance='taylor')))
+
+
+def test_prune_checks_its_inputs_at_the_call_not_when_iterated(resnet18) -> None:
+    tiny_selavpr = load_model('selavpr_tiny_random')
+    with pytest.raises(ConfigError, match='CNN models'):
+        prune(tiny_selavpr, PruneConf())
+    with pytest.raises(ConfigError, match='Taylor'):
+        prune(resnet18, PruneConf(importance='taylor'))
+
+
+def test_footprint_counts_the_pooled_local_map_the_extractor_outputs() -> None:
+    model = load_model(DEFAULT_MODEL)
+    height, width = model.preprocessing.size
+    out = Extractor(model).extract([np.zeros((height, width, 3), np.uint8)])
+    _, locations, channels = out.local_features.shape
+    assert (locations, channels) == (8 * 10, 112)  # 240 x 320, stride 16, pooled by 2
+    size = footprint(model)
+    assert size.local_mb_per_1000 == pytest.approx(1000 * locations * channels * 2 / 1e6)
+    assert size.map_mb_per_1000 == pytest.approx(1000 * out.global_descriptors.shape[1] * 4 / 1e6)
 
 
 def test_only_cnn_models_are_pruned() -> None:

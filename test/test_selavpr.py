@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,17 @@ def test_random_registry_model_round_trips_with_a_stable_identity(tmp_path: Path
     assert tiny_model().identity() == model.identity()
 
 
+def test_train_cli_reports_an_unknown_parameter_file_key(tmp_path: Path, capsys) -> None:
+    from vpr_ros.cli.train import main as train_main
+
+    params = tmp_path / 'params.yaml'
+    params.write_text('train:\n  ros__parameters:\n    no_such_option: 1\n')
+    argv = ['--params', str(params), '--dataset', str(tmp_path), '--out', str(tmp_path / 'run')]
+    assert train_main(argv) == 1
+    err = capsys.readouterr().err
+    assert 'error:' in err and 'no_such_option' in err
+
+
 def published_checkpoint(path: Path, *, depth: int = 2, dim: int = 384) -> dict:
     """A small checkpoint in the key layout of the official SelaVPR release."""
     gen = torch.Generator().manual_seed(3)
@@ -258,6 +270,18 @@ def test_published_checkpoint_converts_and_loads(tmp_path: Path, capsys) -> None
     assert out['local_features'].shape == (1, 128, 61, 61)
     stored = load_file(str(tmp_path / 'out' / 'model.safetensors'))
     assert set(stored) == set(model.trainable_names())
+
+
+def test_converted_model_folder_still_loads_after_it_is_moved(tmp_path: Path) -> None:
+    published_checkpoint(tmp_path / 'SelaVPR_test.pth')
+    assert convert_main([str(tmp_path / 'SelaVPR_test.pth'), str(tmp_path / 'a')]) == 0
+    conf = json.loads((tmp_path / 'a' / 'model.json').read_text())
+    assert conf['backbone_weights'] == 'dinov2_backbone.safetensors'
+    before = load_model(tmp_path / 'a')
+    shutil.move(tmp_path / 'a', tmp_path / 'b')
+    after = load_model(tmp_path / 'b')
+    assert after.identity() == before.identity()
+    assert Path(after.conf['backbone_weights']).parent == (tmp_path / 'b').resolve()
 
 
 def test_checkpoint_with_arbitrary_pickled_objects_is_refused(tmp_path: Path) -> None:

@@ -234,7 +234,10 @@ def prune(
     calibrate: Callable[[VprModel], None] | None = None,
     finetune: Callable[[VprModel, int], float | None] | None = None,
 ) -> Iterator[PruneStep]:
-    """Prune a copy of ``model`` step by step; yield each step's exportable model.
+    """Prune a copy of ``model`` step by step: an iterator of each step's exportable model.
+
+    The inputs are checked here, at the call, before any step runs; the steps run as the
+    returned iterator is consumed.
 
     Args:
         model: a CNN model (``CnnVpr`` or an already pruned one); it is not modified.
@@ -247,9 +250,9 @@ def prune(
         finetune: trains the working model in place after each step (e.g. a
             ``Finetuner``), returning its mean loss or None.
 
-    Yields:
-        ``PruneStep`` for steps 1..``conf.steps``; each holds an independent
-        ``PrunedCnnVpr`` (rebuilt from the state dict, as ``load_model`` would).
+    Returns:
+        An iterator of ``PruneStep`` for steps 1..``conf.steps``; each holds an
+        independent ``PrunedCnnVpr`` (rebuilt from the state dict, as ``load_model`` would).
 
     Raises:
         ConfigError: the model is not a CNN, or Taylor importance has no gradients.
@@ -266,6 +269,17 @@ def prune(
             '(--train-data), or use --importance l1 / l2'
         )
         raise ConfigError(msg)
+    return _prune_steps(model, conf, gradients, calibrate, finetune)
+
+
+def _prune_steps(
+    model: CnnVpr,
+    conf: PruneConf,
+    gradients: Callable[[VprModel], None] | None,
+    calibrate: Callable[[VprModel], None] | None,
+    finetune: Callable[[VprModel, int], float | None] | None,
+) -> Iterator[PruneStep]:
+    """The steps of ``prune`` (inputs already checked)."""
     work = copy.deepcopy(model).eval()
     work.invalidate_identity()
     heads = head_layers(work)
@@ -662,9 +676,7 @@ def footprint(model: VprModel) -> Footprint:
     tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
     elements = sum(t.numel() for t in tensors)
     params = sum(p.numel() for p in model.parameters())
-    height, width = model.preprocessing.size
-    stride = _local_stride(model)
-    locations = -(-height // stride) * -(-width // stride)
+    locations = _local_locations(model)
     return Footprint(
         params=int(params),
         model_mb_fp32=elements * 4 / MB,
@@ -676,12 +688,18 @@ def footprint(model: VprModel) -> Footprint:
     )
 
 
-def _local_stride(model: VprModel) -> int:
-    info = getattr(getattr(model, 'backbone', None), 'feature_info', None)
-    stage = getattr(model, 'local_stage', None)
-    if info is None or stage is None:
-        return 16
-    return int(info[stage]['reduction'])
+@torch.inference_mode()
+def _local_locations(model: VprModel) -> int:
+    """Locations (h * w) of the local map at the preprocessing size, from one forward
+    pass: the map's size depends on the backbone stage, any pooling (``local_pool``) and
+    the model family, so it is measured rather than derived."""
+    was_training = model.training
+    model.eval()
+    try:
+        local = model(torch.zeros(1, 3, *model.preprocessing.size))['local_features']
+    finally:
+        model.train(was_training)
+    return int(local.shape[-2] * local.shape[-1])
 
 
 @torch.inference_mode()

@@ -17,6 +17,22 @@ from vpr_ros.types import Hypothesis, Pose
 _MAX_ENTRIES_PER_CHUNK = 32_000_000
 
 
+def mutual_nn_mask(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mutual nearest neighbours of a similarity matrix (or a batch of them).
+
+    Args:
+        sim: (..., L1, L2) similarities between L1 and L2 features.
+
+    Returns:
+        ``mask`` (..., L1) bool: row i's nearest column is one whose nearest row is i;
+        ``nn12`` (..., L1) int64: the nearest column of each row (ties: the first).
+    """
+    nn12 = sim.argmax(dim=-1)
+    nn21 = sim.argmax(dim=-2)
+    rows = torch.arange(sim.shape[-2], device=sim.device)
+    return torch.gather(nn21, -1, nn12) == rows, nn12
+
+
 def mutual_nn_matches(
     query: np.ndarray | torch.Tensor,
     candidate: np.ndarray | torch.Tensor,
@@ -30,10 +46,9 @@ def mutual_nn_matches(
         min_similarity: matches whose cosine similarity is below this are dropped.
     """
     sim = _as_tensor(query) @ _as_tensor(candidate).T
-    nn12 = sim.argmax(dim=1)
-    nn21 = sim.argmax(dim=0)
+    mutual, nn12 = mutual_nn_mask(sim)
     rows = torch.arange(sim.shape[0])
-    keep = (nn21[nn12] == rows) & (sim[rows, nn12] >= min_similarity)
+    keep = mutual & (sim[rows, nn12] >= min_similarity)
     return rows[keep].numpy(), nn12[keep].numpy()
 
 
@@ -58,13 +73,11 @@ def mnn_scores(
     if count == 0 or length == 0:
         return scores
     per_chunk = max(1, _MAX_ENTRIES_PER_CHUNK // (length * max(1, candidates.shape[1])))
-    rows = torch.arange(length)
     for start in range(0, count, per_chunk):
         c = _as_tensor(candidates[start : start + per_chunk])
         sim = torch.einsum('lc,kmc->klm', q, c)  # (k, L1, L2)
-        best12, nn12 = sim.max(dim=2)  # (k, L1)
-        nn21 = sim.argmax(dim=1)  # (k, L2)
-        mutual = torch.gather(nn21, 1, nn12) == rows
+        mutual, nn12 = mutual_nn_mask(sim)  # (k, L1)
+        best12 = torch.gather(sim, 2, nn12.unsqueeze(-1)).squeeze(-1)
         matched = mutual & (best12 >= min_similarity)
         scores[start : start + len(c)] = matched.float().mean(dim=1).numpy()
     return scores

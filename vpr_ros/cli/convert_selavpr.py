@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,12 +83,27 @@ def convert(
     conf['preprocessing'] = {'size': [int(s) for s in image_size]}
     model = SelaVpr.from_export({**conf, 'name': name or out.name}, trainable)
     save_model(model, out)
+    _store_backbone_relative(out)
     logger.info('converted %s -> %s (%s)', checkpoint, out, model.identity().describe())
     if verify:
         loaded = load_model(out)
         if loaded.identity() != model.identity():
             raise AssertionError('the converted model does not load back identically')
     return out
+
+
+def _store_backbone_relative(out: Path) -> None:
+    """Name a backbone file inside ``out`` relative to it in model.json, so that the
+    folder can be moved (models.load_exported resolves it against the folder)."""
+    conf_file = out / 'model.json'
+    conf = json.loads(conf_file.read_text())
+    source = Path(conf['backbone_weights'])
+    if not source.is_relative_to(out.resolve()):
+        return
+    conf['backbone_weights'] = source.relative_to(out.resolve()).as_posix()
+    tmp = conf_file.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(conf, indent=2, sort_keys=True))
+    os.replace(tmp, conf_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

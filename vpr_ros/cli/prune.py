@@ -213,8 +213,7 @@ def run(args: argparse.Namespace) -> int:
             distill_weight=args.distill_weight,
         )
         finetuner = Finetuner(args.train_data, model, ft_conf)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = [{'step': 0, 'sparsity': 0.0, 'head_sparsity': 0.0, **measure(model, args.runs)}]
+    # prune() checks the model and options here, before the output folder and the timing.
     steps = prune(
         model,
         conf,
@@ -222,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
         calibrate=calibrator,
         finetune=finetuner if finetuner and args.finetune_iters else None,
     )
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [{'step': 0, 'sparsity': 0.0, 'head_sparsity': 0.0, **measure(model, args.runs)}]
     last = None
     for step in tqdm(steps, total=conf.steps, desc='pruning', unit='step'):
         rows.append(

@@ -143,8 +143,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
-    args = parse_with_params_file(parser, argv, 'train')
-    return run_cli(lambda: _run(args), argv)
+
+    def body() -> int:
+        return _run(parse_with_params_file(parser, argv, 'train'))
+
+    return run_cli(body, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

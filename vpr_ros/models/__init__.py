@@ -124,9 +124,21 @@ def load_exported(path: Path) -> VprModel:
     except Exception as err:
         raise ModelError(f'cannot read weights {str(weights_file)!r}: {err}') from err
     cls = model_class(conf)
-    model = cls.from_export(conf, state)
+    model = cls.from_export(_resolve_weight_sources(cls, conf, conf_file.parent), state)
     model.name = conf.get('name', path.name)
     return model
+
+
+def _resolve_weight_sources(cls: type[VprModel], conf: dict, folder: Path) -> dict:
+    """A weight source stored as a relative path names a file inside the model folder
+    (convert_selavpr writes the backbone there), so the folder can move."""
+    conf = dict(conf)
+    for key in cls.weight_source_keys:
+        source = conf.get(key)
+        if isinstance(source, str) and not Path(source).is_absolute():
+            if (folder / source).is_file():
+                conf[key] = str((folder / source).resolve())
+    return conf
 
 
 def save_model(model: VprModel, out_dir: str | os.PathLike) -> Path:

@@ -141,6 +141,10 @@ class MixVPR(nn.Module):
 AGGREGATORS: dict[str, type[nn.Module]] = {'gem': GeM, 'convap': ConvAP, 'mixvpr': MixVPR}
 
 
+# The aggregation of the model classes' default configurations (CnnVpr, SelaVpr).
+DEFAULT_AGGREGATION = {'name': 'gem', 'p': 3.0}
+
+
 def build_aggregator(conf: dict, channels: int) -> nn.Module:
     """Build the aggregator named by ``conf['name']`` for ``channels`` input channels."""
     conf = dict(conf)
@@ -149,16 +153,19 @@ def build_aggregator(conf: dict, channels: int) -> nn.Module:
         msg = f'unknown aggregation {name!r}; choose one of {sorted(AGGREGATORS)}'
         raise ConfigError(msg)
     cls = AGGREGATORS[name]
-    # A named configuration is merged over the model's default ({'name': 'gem', 'p': 3.0}),
-    # so keys of other aggregators can be present: drop those, reject unknown ones.
-    known = {key for other in AGGREGATORS.values() for key in _parameters(other)}
-    unknown = sorted(set(conf) - known)
-    if unknown:
-        msg = (
-            f'unknown {name!r} aggregation options {unknown!r}; {name!r} takes {_parameters(cls)}'
-        )
-        raise ConfigError(msg)
     accepted = _parameters(cls)
+    # A named configuration is merged over the model's default aggregation
+    # (DEFAULT_AGGREGATION), so its GeM options can be present unasked: drop those when
+    # they still hold the default value; refuse every other option this one does not take.
+    carried = {
+        key
+        for key, value in DEFAULT_AGGREGATION.items()
+        if key != 'name' and key not in accepted and conf.get(key, value) == value
+    }
+    refused = sorted(set(conf) - set(accepted) - carried)
+    if refused:
+        msg = f'{name!r} aggregation does not take options {refused!r}; it takes {accepted}'
+        raise ConfigError(msg)
     return cls(channels, **{key: value for key, value in conf.items() if key in accepted})
 
 

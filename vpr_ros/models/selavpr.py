@@ -32,7 +32,7 @@ from torch import nn
 
 from vpr_ros import logger
 from vpr_ros.errors import ConfigError, ModelError
-from vpr_ros.models.aggregation import build_aggregator
+from vpr_ros.models.aggregation import DEFAULT_AGGREGATION, build_aggregator
 from vpr_ros.models.base import VprModel
 from vpr_ros.models.weights import read_state_dict
 
@@ -126,7 +126,7 @@ class SelaVpr(VprModel):
         'local_size': None,
         # L2-normalise each patch token before GeM (as the published model does).
         'normalize_tokens': True,
-        'aggregation': {'name': 'gem', 'p': 3.0},
+        'aggregation': dict(DEFAULT_AGGREGATION),
         'preprocessing': {'size': [224, 224]},
     }
 
