@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import synthetic_place, viewed_again
 
+from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError, DatabaseError
 from vpr_ros.mapping import MapBuilder
 from vpr_ros.models import load_model
@@ -95,3 +96,20 @@ def test_sequence_mode_on_pixels_needs_a_map_with_sequence_descriptors(default_m
     Relocalizer(
         default_model, builder.database, {'mode': 'sequence', 'sequence': {'descriptor': 'global'}}
     )
+
+
+def test_one_place_without_a_pose_does_not_hide_the_others_poses(default_model, route_map) -> None:
+    places = route_map.places.copy()
+    places['x'][0] = np.nan  # e.g. appended from a bag without a pose topic
+    database = PlaceDatabase(
+        route_map.model, route_map.global_descriptors, places, route_map.local_features
+    )
+    for mode in ('single', 'sequence'):
+        relocalizer = Relocalizer(
+            default_model, database, {'mode': mode, 'sequence': {'descriptor': 'global'}}
+        )
+        result = relocalizer.relocalize(viewed_again(synthetic_place(9, SIZE)))
+        assert result.best.place_index == 9
+        assert result.best.pose == Pose(45.0, 0.0, 0.0)
+        unknown = relocalizer.relocalize(viewed_again(synthetic_place(0, SIZE)))
+        assert all(h.pose is None for h in unknown.hypotheses if h.place_index == 0)

@@ -77,7 +77,6 @@ class Relocalizer:
         self.database = database
         self.extractor = Extractor(model, batch_size=1, num_threads=num_threads)
         self._poses = database.poses
-        self._has_poses = bool(len(database)) and not np.isnan(self._poses[:, 0]).any()
         self._matchers: dict[object, SequenceMatcher] = {}
         if self.conf['mode'] == 'sequence':
             self.sequence_conf, self._sequence_map = self._sequence_setup()
@@ -105,7 +104,7 @@ class Relocalizer:
 
     def _matcher(self, stream: object) -> SequenceMatcher:
         if stream not in self._matchers:
-            positions = self._poses[:, :3] if self._has_poses else None
+            positions = self._poses[:, :3]
             self._matchers[stream] = SequenceMatcher(
                 self._sequence_map,
                 self.database.places['traverse'],
@@ -156,7 +155,7 @@ class Relocalizer:
                 global_score=float(db.global_descriptors[m.place_index] @ query_global),
                 rerank_score=float(m.score),
                 confidence=float(m.confidence),
-                pose=Pose.from_array(self._poses[m.place_index]) if self._has_poses else None,
+                pose=Pose.from_row(self._poses[m.place_index]),
             )
             for m in matches
         ]
@@ -173,7 +172,7 @@ class Relocalizer:
         retrieved = time.perf_counter()
         rerank_k = min(int(conf['rerank_k']), len(ids))
         db = self.database
-        poses = self._poses[ids] if self._has_poses else None
+        poses = self._poses[ids]
         place_ids = db.places['place_id'][ids]
         if rerank_k > 0 and db.local_features is not None:
             head = ids[:rerank_k]
@@ -183,7 +182,7 @@ class Relocalizer:
                 scores[:rerank_k],
                 np.asarray(db.local_features[head], np.float32),
                 place_ids=place_ids[:rerank_k],
-                poses=poses[:rerank_k] if poses is not None else None,
+                poses=poses[:rerank_k],
                 min_similarity=float(conf['min_similarity']),
                 competitor_radius_m=float(conf['competitor_radius_m']),
                 noise_floor=float(conf['noise_floor']),
@@ -192,7 +191,7 @@ class Relocalizer:
             # Without re-ranking, the global similarity is the score.
             conf_values = confidences(
                 np.clip(scores, 0, None),
-                poses[:, :3] if poses is not None else None,
+                poses[:, :3],
                 competitor_radius_m=float(conf['competitor_radius_m']),
                 noise_floor=float(conf['noise_floor']),
             )
@@ -203,7 +202,7 @@ class Relocalizer:
                     global_score=float(scores[i]),
                     rerank_score=float('nan'),
                     confidence=float(conf_values[i]),
-                    pose=Pose.from_array(poses[i]) if poses is not None else None,
+                    pose=Pose.from_row(poses[i]),
                 )
                 for i in range(len(ids))
             ]

@@ -110,8 +110,9 @@ def confidences(
         others = np.ones(len(scores), bool)
         others[i] = False
         if positions is not None:
+            # A place with an unknown position may be anywhere: it competes.
             dist = np.linalg.norm(positions - positions[i], axis=1)
-            others &= dist > competitor_radius_m
+            others &= ~(dist <= competitor_radius_m)
         competitor = max(scores[others].max(initial=0.0), noise_floor)
         out[i] = np.clip((score - competitor) / score, 0.0, 1.0) if score > 0 else 0.0
     return out
@@ -154,7 +155,7 @@ def rerank(
             global_score=float(global_scores[i]),
             rerank_score=float(scores[i]),
             confidence=float(conf[i]),
-            pose=Pose.from_array(poses[i]) if poses is not None else None,
+            pose=Pose.from_row(poses[i]) if poses is not None else None,
         )
         for i in order
     ]

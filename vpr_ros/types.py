@@ -26,6 +26,11 @@ class Pose:
     def from_array(cls, values: np.ndarray) -> Pose:
         return cls(*(float(v) for v in values[:7]))
 
+    @classmethod
+    def from_row(cls, values: np.ndarray) -> Pose | None:
+        """The pose of a map row (x y z qx qy qz qw), or None where it is unknown (NaN)."""
+        return None if np.isnan(values[0]) else cls.from_array(values)
+
 
 @dataclass(frozen=True)
 class Frame:
