@@ -14,6 +14,7 @@ from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 
 from launch import LaunchDescription
 
@@ -40,7 +41,8 @@ def generate_launch_description() -> LaunchDescription:
                 output='screen',
                 parameters=[
                     LaunchConfiguration('params_file'),
-                    {'map_dir': LaunchConfiguration('map_dir')},
+                    # As a string even if the path looks like a number.
+                    {'map_dir': ParameterValue(LaunchConfiguration('map_dir'), value_type=str)},
                 ],
                 remappings=[('image', LaunchConfiguration('camera_topic'))],
             ),

@@ -184,3 +184,34 @@ def test_navsat_bags_and_appends_share_one_local_frame(tmp_path: Path, default_m
         database.places['x'], [0, 1, 2, 100, 101, 102, 200, 201, 202], atol=0.01
     )
     assert database.enu_origin is not None
+
+
+def test_bags_on_the_command_line_replace_the_files_bags(tmp_path: Path, capsys) -> None:
+    in_file = write_bag(tmp_path / 'in_file', route_frames(2))
+    on_command_line = write_bag(tmp_path / 'on_cli', route_frames(4), storage='mcap')
+    params = tmp_path / 'params.yaml'
+    params.write_text(
+        f'bag: {in_file}\nimage_topic: /camera/image_raw\npose_topic: /odom\nmin_distance_m: 0.1\n'
+    )
+    out = tmp_path / 'map'
+    assert build_map_main(['--params', str(params), '--out', str(out), '--no-progress']) == 0
+    assert len(PlaceDatabase.load(out)) == 2
+    code = build_map_main(
+        ['--params', str(params), '--bag', str(on_command_line), '--out', str(out),
+         '--no-progress']
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    database = PlaceDatabase.load(out)
+    assert len(database) == 4
+    assert set(database.places['source']) == {str(on_command_line)}
+
+
+def test_the_shipped_build_map_parameters_file_is_valid(tmp_path: Path) -> None:
+    from vpr_ros.cli.build_map import make_parser
+    from vpr_ros.cli.common import parse_with_params_file
+
+    shipped = Path(__file__).parents[1] / 'config' / 'build_map.yaml'
+    args = parse_with_params_file(
+        make_parser(), ['--params', str(shipped), '--bag', 'x', '--out', 'y'], 'build_map'
+    )
+    assert args.image_topic == '/camera/image_raw' and args.index == 'flat'

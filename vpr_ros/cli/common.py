@@ -31,7 +31,8 @@ def strip_ros_args(argv: Sequence[str]) -> list[str]:
 def read_params_file(path: Path, section: str) -> dict:
     """Options from a YAML file: a plain mapping, or ROS style ``section: ros__parameters:``.
 
-    Keys use the long option names with ``_`` or ``-`` (``image_topic`` = ``--image-topic``).
+    Keys are the long option names, with ``_`` or ``-`` (``image_topic`` = ``--image-topic``,
+    ``bag`` = ``--bag``).
     """
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -56,16 +57,27 @@ def parse_with_params_file(
     known, _ = pre.parse_known_args(argv)
     if known.params is not None:
         values = read_params_file(known.params, section)
-        dests = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - dests)
+        # Option names ('bag') and argparse destinations ('bags') both name an option.
+        by_name = {action.dest: action for action in parser._actions}
+        for action in parser._actions:
+            for option in action.option_strings:
+                by_name.setdefault(option.lstrip('-').replace('-', '_'), action)
+        unknown = sorted(set(values) - set(by_name))
         if unknown:
             msg = f'unknown options {unknown!r} in {str(known.params)!r}; see --help'
             raise ConfigError(msg)
-        parser.set_defaults(**values)
-        # Required options given by the file are no longer required on the command line.
-        for action in parser._actions:
-            if action.dest in values:
-                action.required = False
+        defaults = {}
+        for key, value in values.items():
+            action = by_name[key]
+            if isinstance(action, argparse._AppendAction):
+                if any(option in argv for option in action.option_strings):
+                    continue  # the command line's list replaces the file's
+                items = value if isinstance(value, list) else [value]
+                value = [action.type(v) if action.type else v for v in items]
+            defaults[action.dest] = value
+            # Required options given by the file are no longer required on the command line.
+            action.required = False
+        parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
 

@@ -22,6 +22,7 @@ Run: ``relocalize --ros-args --params-file config/relocalize.yaml -p map_dir:=/p
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 import time
@@ -321,6 +322,7 @@ class RelocalizeNode(Node):
         self._num_threads = params['num_threads'] or None
 
         start = time.perf_counter()
+        params['map_dir'] = os.path.expanduser(params['map_dir'])  # '~' after ':=' stays
         self._model = _load_model_for_map(params['map_dir'], params['model'])
         self._map_lock = threading.Lock()
         self._map_dir = params['map_dir']
@@ -397,7 +399,7 @@ class RelocalizeNode(Node):
     def reload_map_callback(
         self, request: Trigger.Request, response: Trigger.Response
     ) -> Trigger.Response:
-        map_dir = self.get_parameter('map_dir').value
+        map_dir = os.path.expanduser(self.get_parameter('map_dir').value)
         try:
             relocalizer = self._open_map(map_dir)
         except Exception as err:  # whatever is wrong with the new map, the old one stays
