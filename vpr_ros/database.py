@@ -284,6 +284,8 @@ class PlaceDatabase:
     def extend(self, other: PlaceDatabase) -> None:
         """Append another map's places (same model), renumbering ids and traverses."""
         self.check_model(other.model, what='the appended map')
+        if not len(other):
+            return
         if other.enu_origin != self.enu_origin:
             msg = (
                 f"the appended map's poses are in the ENU frame at {other.enu_origin!r}, this "
