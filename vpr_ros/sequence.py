@@ -93,8 +93,8 @@ Where neighbouring keyframes look alike (Nordland) the region holds fewer indepe
 trajectories and ``E_null`` is instead a little high.
 
 Why not the raw similarity against the map's own inter-place similarity: a season change
-lowers every query-to-map similarity (Nordland:
-unrelated winter-to-summer pairs 0.075 on average, summer-to-summer 0.136, true pairs 0.26),
+lowers every query-to-map similarity (Nordland: unrelated winter-to-summer pairs 0.075 on
+average, summer-to-summer 0.136, true pairs 0.26),
 so correct cross-season trajectories sit barely above the map's own level (at ``length``
 10, a quarter of them less than 2.8 noise units above it, as little as the best trajectory
 of a 24-place map for images it never saw); a test on it would reject them. The z-scores
