@@ -63,11 +63,10 @@ from vpr_ros.pruning import (
     IMPORTANCES,
     BatchNormCalibrator,
     FinetuneConf,
-    Finetuner,
     PruneConf,
     PruneStep,
     footprint,
-    prune,
+    prune_with_recovery,
 )
 
 MAP_PLACES = 10_000
@@ -363,21 +362,18 @@ def prune_steps(
         importance=args.importance,
         round_to=args.round_to,
     )
-    finetuner = None
-    if args.train_data is not None:
-        ft_conf = FinetuneConf(
-            iterations=args.finetune_iters,
-            size=tuple(args.finetune_size) if args.finetune_size else None,
-            distill_weight=args.distill_weight,
-            metric_weight=args.metric_weight,
-        )
-        finetuner = Finetuner(args.train_data, model, ft_conf)
-    steps = prune(
+    finetune_conf = FinetuneConf(
+        iterations=args.finetune_iters,
+        size=tuple(args.finetune_size) if args.finetune_size else None,
+        distill_weight=args.distill_weight,
+        metric_weight=args.metric_weight,
+    )
+    steps = prune_with_recovery(
         model,
         conf,
-        gradients=finetuner.accumulate_gradients if finetuner else None,
-        calibrate=calibrator,
-        finetune=finetuner if finetuner and args.finetune_iters else None,
+        calibrator=calibrator,
+        train_data=args.train_data,
+        finetune_conf=finetune_conf,
     )
     yield from tqdm(steps, total=args.steps, desc=f'{model.name} gamma={gamma:g}')
 

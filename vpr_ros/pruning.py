@@ -226,6 +226,29 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
 # Pruning
 
 
+def prune_with_recovery(
+    model: VprModel,
+    conf: PruneConf,
+    *,
+    calibrator: Callable[[VprModel], None] | None = None,
+    train_data: Path | None = None,
+    finetune_conf: FinetuneConf | None = None,
+) -> Iterator[PruneStep]:
+    """``prune`` with the optional recoveries wired in: batch-norm re-estimation, and
+    fine-tuning on the place-labelled images in ``train_data`` (which also give Taylor
+    importance its gradients). Inputs are checked at the call, as ``prune`` does."""
+    finetuner = None
+    if train_data is not None:
+        finetuner = Finetuner(train_data, model, finetune_conf or FinetuneConf())
+    return prune(
+        model,
+        conf,
+        gradients=finetuner.accumulate_gradients if finetuner else None,
+        calibrate=calibrator,
+        finetune=finetuner if finetuner and finetuner.conf.iterations else None,
+    )
+
+
 def prune(
     model: VprModel,
     conf: PruneConf,

@@ -32,12 +32,11 @@ from vpr_ros.pruning import (
     IMPORTANCES,
     BatchNormCalibrator,
     FinetuneConf,
-    Finetuner,
     PruneConf,
     extraction_latency_ms,
     footprint,
     matching_latency_ms,
-    prune,
+    prune_with_recovery,
 )
 
 STEP_COLUMNS = (
@@ -198,28 +197,26 @@ def run(args: argparse.Namespace) -> int:
     )
     model = load_model(args.model)
     logger.info('pruning %s: %s', model.identity().describe(), conf)
-    calibrator = finetuner = None
+    calibrator = None
     if args.calibration_data is not None:
         calibrator = BatchNormCalibrator.from_folder(args.calibration_data)
-    if args.train_data is not None:
-        ft_conf = FinetuneConf(
-            iterations=args.finetune_iters,
-            batch_places=args.batch_places,
-            lr=args.lr,
-            positive_dist_m=args.positive_dist_m,
-            negative_dist_m=args.negative_dist_m,
-            size=tuple(args.finetune_size) if args.finetune_size else None,
-            metric_weight=args.metric_weight,
-            distill_weight=args.distill_weight,
-        )
-        finetuner = Finetuner(args.train_data, model, ft_conf)
-    # prune() checks the model and options here, before the output folder and the timing.
-    steps = prune(
+    finetune_conf = FinetuneConf(
+        iterations=args.finetune_iters,
+        batch_places=args.batch_places,
+        lr=args.lr,
+        positive_dist_m=args.positive_dist_m,
+        negative_dist_m=args.negative_dist_m,
+        size=tuple(args.finetune_size) if args.finetune_size else None,
+        metric_weight=args.metric_weight,
+        distill_weight=args.distill_weight,
+    )
+    # The model and options are checked here, before the output folder and the timing.
+    steps = prune_with_recovery(
         model,
         conf,
-        gradients=finetuner.accumulate_gradients if finetuner else None,
-        calibrate=calibrator,
-        finetune=finetuner if finetuner and args.finetune_iters else None,
+        calibrator=calibrator,
+        train_data=args.train_data,
+        finetune_conf=finetune_conf,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [{'step': 0, 'sparsity': 0.0, 'head_sparsity': 0.0, **measure(model, args.runs)}]
@@ -244,8 +241,8 @@ def run(args: argparse.Namespace) -> int:
         writer.writerows(rows)
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     record = {'options': options, 'prune': conf.to_dict()}
-    if finetuner is not None:
-        record['finetune'] = asdict(finetuner.conf)
+    if args.train_data is not None:
+        record['finetune'] = asdict(finetune_conf)
     (args.out / 'prune.json').write_text(json.dumps(record, indent=2))
     first, final = rows[0], rows[-1]
     print(_table(rows))
