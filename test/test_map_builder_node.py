@@ -107,35 +107,24 @@ def test_map_builder_saves_keyframes_on_request_and_on_shutdown(tmp_path: Path) 
     assert len(PlaceDatabase.load(map_dir)) == 3
 
 
+def start_failing(*ros_args: str) -> str:
+    """Start map_builder with these ROS arguments, expect exit code 1, return its output."""
+    command = [sys.executable, '-m', 'vpr_ros.nodes.map_builder_node']
+    if ros_args:
+        command += ['--ros-args', *ros_args]
+    result = subprocess.run(
+        command, env=ros_environment(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    return result.stdout + result.stderr
+
+
 def test_map_builder_refuses_to_replace_an_existing_map_without_append(tmp_path: Path) -> None:
     map_dir = tmp_path / 'existing'
     map_dir.mkdir()
     (map_dir / 'manifest.json').write_text('{}')
-    result = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'vpr_ros.nodes.map_builder_node',
-            '--ros-args',
-            '-p',
-            f'map_dir:={map_dir}',
-        ],
-        env=ros_environment(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    assert 'append:=true' in result.stdout + result.stderr
+    assert 'append:=true' in start_failing('-p', f'map_dir:={map_dir}')
 
 
 def test_map_builder_without_map_dir_exits_with_an_error() -> None:
-    result = subprocess.run(
-        [sys.executable, '-m', 'vpr_ros.nodes.map_builder_node'],
-        env=ros_environment(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    assert 'map_dir is required' in result.stdout + result.stderr
+    assert 'map_dir is required' in start_failing()
