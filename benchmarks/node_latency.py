@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from vpr_ros.database import PlaceDatabase, place_records
-from vpr_ros.extraction import Extractor, tune_malloc
+from vpr_ros.extraction import Extractor
 from vpr_ros.images import rgb_to_image_fields
 from vpr_ros.models import DEFAULT_MODEL, load_model
 from vpr_ros.nodes.conversions import hypotheses_from_cloud, stamp_ns
 from vpr_ros.relocalization import Relocalizer
+from vpr_ros.runtime import tune_malloc
 from vpr_ros.types import Frame, Pose
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -48,7 +48,7 @@ import numpy as np
 
 from vpr_ros.evaluation import plot_pr_curve, precision_recall_curve, recall_at_100_precision
 from vpr_ros.sequence import (
-    DEFAULT_SEQUENCE_CONF,
+    SequenceConf,
     SequenceMatcher,
     match_traverse,
     patch_normalised_descriptor,
@@ -189,7 +189,7 @@ def never_visited(map_desc: np.ndarray, query_desc: np.ndarray, conf: dict) -> d
     """Accepted queries with summer frames HELD_OUT missing from the map."""
     keep = np.r_[0 : HELD_OUT[0], HELD_OUT[1] : len(map_desc)]
     best, _, confidence = match_traverse(query_desc, map_desc[keep], conf=conf)
-    threshold = SequenceMatcher(map_desc[:2], conf=conf).conf['min_confidence']
+    threshold = SequenceMatcher(map_desc[:2], conf=conf).conf.min_confidence
     accepted = confidence >= threshold
     visited = np.zeros(len(query_desc), bool)
     visited[keep] = True
@@ -197,7 +197,7 @@ def never_visited(map_desc: np.ndarray, query_desc: np.ndarray, conf: dict) -> d
     answered = best >= 0
     original = keep[np.where(answered, best, 0)]
     correct = visited & answered & (np.abs(original - np.arange(len(query_desc))) <= TOLERANCE)
-    lag = conf.get('length', DEFAULT_SEQUENCE_CONF['length'])
+    lag = conf.get('length', SequenceConf().length)
     after_lag = ~visited
     after_lag[HELD_OUT[0] : HELD_OUT[0] + 2 * lag] = False
     return {

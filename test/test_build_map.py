@@ -214,4 +214,4 @@ def test_the_shipped_build_map_parameters_file_is_valid(tmp_path: Path) -> None:
     args = parse_with_params_file(
         make_parser(), ['--params', str(shipped), '--bag', 'x', '--out', 'y'], 'build_map'
     )
-    assert args.image_topic == '/camera/image_raw' and args.index == 'flat'
+    assert args.image_topic == '/camera/image_raw' and args.index__type == 'flat'

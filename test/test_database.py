@@ -234,4 +234,4 @@ def test_a_map_grown_place_by_place_stores_the_configured_approximate_index(
         database.add(desc / np.linalg.norm(desc, axis=1, keepdims=True), rows)
     database.save(tmp_path / 'map')
     loaded = PlaceDatabase.load(tmp_path / 'map')
-    assert 'IVF' in type(loaded.index).__name__
+    assert 'IVF' in type(loaded.index.faiss_index).__name__

@@ -570,7 +570,7 @@ def test_evaluate_cli_runs_patch_normalised_sequences_without_a_model(
         ),
         (
             ['--gt', 'aligned', '--db-images', 'DB', '--mode', 'both', '--sequence-length', '0'],
-            'length must be an integer >= 1',
+            'length must be >= 1',
         ),
     ],
 )

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vpr_ros.nodes.relocalize_node import NODE_NAME, PARAMETERS
+from vpr_ros.nodes.params import shipped_params_files
+from vpr_ros.nodes.relocalize_node import NODE_NAME, RelocalizeNodeConf
+
+SPECS = {spec.name: spec for spec in RelocalizeNodeConf.specs()}
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / 'launch' / 'relocalize.launch.py'
@@ -103,10 +106,10 @@ def test_launch_arguments_set_the_map_and_the_camera_topic() -> None:
     node = keywords(launch_node_call())
     overrides = [d for d in ast.walk(node['parameters']) if isinstance(d, ast.Dict)]
     keys = {literal(k) for d in overrides for k in d.keys}
-    assert keys == {'map_dir'} and keys <= set(PARAMETERS)
+    assert keys == {'map_dir'} and keys <= set(SPECS)
     remapped = [literal(pair.elts[0]) for pair in node['remappings'].elts]
     # camera_topic is remapped onto the node's default camera topic.
-    assert remapped == PARAMETERS['camera_topics'].default
+    assert remapped == SPECS['camera_topics'].default
 
 
 def flatten(values: dict, prefix: str = '') -> dict:
@@ -124,14 +127,23 @@ def test_parameters_file_sets_exactly_the_declared_parameters_to_their_defaults(
     config = yaml.safe_load(CONFIG_FILE.read_text())
     assert list(config) == [NODE_NAME]
     values = flatten(config[NODE_NAME]['ros__parameters'])
-    assert set(values) == set(PARAMETERS)
+    assert set(values) == set(SPECS)
     for name, value in values.items():
-        default = PARAMETERS[name].default
+        default = SPECS[name].default
         assert value == default, f'{name}: the file says {value!r}, the node {default!r}'
         # rclpy refuses a value of another type than the declared default (10 for 10.0).
         assert type(value) is type(default), name
         if isinstance(default, list):
             assert {type(v) for v in value} == {type(v) for v in default}, name
+
+
+def test_shipped_parameter_files_are_the_ones_the_settings_tables_render() -> None:
+    for name, text in shipped_params_files().items():
+        path = ROOT / 'config' / name
+        assert path.is_file(), f'config/{name} is missing; run python -m vpr_ros.nodes.params'
+        assert path.read_text() == text, (
+            f'config/{name} is stale; run python -m vpr_ros.nodes.params'
+        )
 
 
 def test_launch_description_builds_where_launch_ros_is_installed() -> None:

@@ -87,7 +87,7 @@ def test_each_camera_stream_has_its_own_sequence(default_model, route_map) -> No
 
 
 def test_sequence_mode_on_pixels_needs_a_map_with_sequence_descriptors(default_model) -> None:
-    builder = MapBuilder(default_model, {'sequence_descriptors': None})
+    builder = MapBuilder(default_model, {'sequence_descriptors': False})
     builder.offer(Frame(synthetic_place(0, SIZE), 0, pose=Pose(0, 0, 0)))
     builder.flush()
     with pytest.raises(ConfigError, match='sequence descriptors'):

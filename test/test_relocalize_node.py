@@ -48,9 +48,8 @@ from vpr_ros.nodes.conversions import (  # noqa: E402
     stamp_ns,
 )
 from vpr_ros.nodes.relocalize_node import (  # noqa: E402
-    PARAMETERS,
     RelocalizeNode,
-    validate_parameters,
+    RelocalizeNodeConf,
 )
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
@@ -477,7 +476,7 @@ def test_node_declares_exactly_the_documented_parameters(node) -> None:
     _, harness = node
     response = harness.call(harness.list_parameters, ListParameters.Request())
     names = set(response.result.names) - {'use_sim_time', 'start_type_description_service'}
-    assert names == set(PARAMETERS)
+    assert names == set(RelocalizeNodeConf.flat_names())
 
 
 def test_bag_player_plays_a_bag_into_the_node(node, tmp_path: Path) -> None:
@@ -630,27 +629,28 @@ def test_node_construction_fails_clearly_on_a_bad_map_or_parameters(
 @pytest.mark.parametrize(
     ('changes', 'expected'),
     [
-        ({'camera_transports': ['udp']}, "camera_transports ['udp'] unknown"),
+        ({'camera_transports': ['udp']}, "camera_transports must be one of ['raw', 'compressed']"),
         ({'camera_transports': ['raw', 'raw', 'raw']}, 'has 3 values for 2 camera topics'),
         ({'camera_topics': []}, 'at least one topic'),
         ({'camera_topics': ['a', 'a']}, 'lists a topic twice'),
-        ({'camera_qos': 'fast'}, "camera_qos 'fast' unknown"),
+        ({'camera_qos': 'fast'}, "camera_qos must be one of ['sensor_data', 'reliable']"),
         ({'top_k': 0}, 'top_k must be >= 1'),
         ({'rerank_k': 9}, 'rerank_k must be in 0..top_k (5)'),
         ({'confidence_threshold': 1.5}, 'confidence_threshold must be in [0, 1]'),
-        ({'pose_covariance': [1.0, 2.0]}, 'pose_covariance needs 6 non-negative variances'),
+        ({'pose_covariance': [1.0, 2.0]}, 'pose_covariance must have 6 values'),
+        ({'pose_covariance': [1.0, 1.0, float('nan'), 0.1, 0.1, 0.1]}, 'finite'),
         ({'max_rate_hz': -1.0}, 'max_rate_hz must be >= 0'),
         ({'num_threads': -2}, 'num_threads must be >= 0'),
-        ({'diagnostics_period_s': 0.0}, 'diagnostics_period_s must be > 0'),
+        ({'diagnostics_period_s': 0.0}, 'diagnostics_period_s must be >= 0.05'),
+        ({'min_similarity': float('nan')}, 'min_similarity must be a finite number'),
     ],
 )
 def test_invalid_parameters_are_refused_with_the_reason(changes: dict, expected: str) -> None:
-    params = {name: spec.default for name, spec in PARAMETERS.items()}
-    params.update(PARAMS, **changes)
-    with pytest.raises(ConfigError, match='invalid parameters: ') as error:
-        validate_parameters(params)
+    params = {**PARAMS, **changes}
+    with pytest.raises(ConfigError) as error:
+        RelocalizeNodeConf.from_dict(params)
     assert expected in str(error.value)
 
 
 def test_the_default_parameters_are_valid() -> None:
-    validate_parameters({name: spec.default for name, spec in PARAMETERS.items()})
+    assert RelocalizeNodeConf().relocalization.top_k >= 1

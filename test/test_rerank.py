@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_ros.rerank import mnn_scores, mutual_nn_mask, mutual_nn_matches, rerank
+from vpr_ros.rerank import mnn_scores, mutual_nn_mask, mutual_nn_matches
 
 
 def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -56,24 +56,3 @@ def test_mutual_nn_mask_works_on_a_batch_of_similarity_matrices() -> None:
     for k in range(3):
         one_mask, one_nn12 = mutual_nn_mask(sim[k])
         assert torch.equal(mask[k], one_mask) and torch.equal(nn12[k], one_nn12)
-
-
-def test_rerank_orders_by_mnn_score_and_breaks_ties_by_global_score() -> None:
-    rng = np.random.default_rng(3)
-    query = unit(rng, 6, 8)
-    half = np.concatenate([query[:3], unit(rng, 3, 8)])
-    candidates = np.stack([unit(rng, 6, 8), query, half, query.copy()])
-    global_scores = np.array([0.95, 0.4, 0.9, 0.7], np.float32)
-    indices = np.array([10, 11, 12, 13])
-    scores = mnn_scores(query, candidates)
-    assert scores[1] == scores[3] == 1.0 and scores[2] < 1.0
-
-    hypotheses = rerank(query, indices, global_scores, candidates)
-
-    expected = sorted(range(4), key=lambda i: (-scores[i], -global_scores[i]))
-    assert [h.place_index for h in hypotheses] == [int(indices[i]) for i in expected]
-    # The two perfect candidates tie on MNN score: the higher global score goes first.
-    assert [h.place_index for h in hypotheses[:2]] == [13, 11]
-    assert [h.rerank_score for h in hypotheses] == sorted(
-        (h.rerank_score for h in hypotheses), reverse=True
-    )

@@ -7,9 +7,8 @@ import pytest
 
 from vpr_ros.errors import ConfigError
 from vpr_ros.sequence import (
-    DEFAULT_SEQUENCE_CONF,
+    SequenceConf,
     SequenceMatcher,
-    check_sequence_conf,
     match_traverse,
     null_evidence,
     patch_normalised_descriptor,
@@ -68,7 +67,7 @@ def test_repeated_looking_places_are_told_apart_by_the_sequence(memory: str) -> 
     best, _, confidence = match_traverse(queries, map_descriptors, conf=conf)
     settled = slice(10, None)  # once a sequence of `length` frames has been seen
     assert np.mean(np.abs(best[settled] - places[settled]) <= 1) >= 0.97
-    accepted = confidence[settled] >= DEFAULT_SEQUENCE_CONF['min_confidence']
+    accepted = confidence[settled] >= SequenceConf().min_confidence
     assert accepted.mean() >= 0.9
     assert np.all(np.abs(best[settled][accepted] - places[settled][accepted]) <= 1)
 
@@ -82,7 +81,7 @@ def test_a_query_route_that_leaves_the_map_is_not_accepted(memory: str) -> None:
     queries = np.concatenate([on_map, never_visited])
     conf = {'memory': memory, 'length': 10}
     best, _, confidence = match_traverse(queries, map_descriptors, conf=conf)
-    accepted = confidence >= DEFAULT_SEQUENCE_CONF['min_confidence']
+    accepted = confidence >= SequenceConf().min_confidence
 
     assert accepted[10:60].all()
     assert np.all(np.abs(best[10:60] - np.arange(30, 80)) <= 1)
@@ -99,7 +98,7 @@ def test_a_small_map_does_not_accept_a_route_it_never_saw(memory: str) -> None:
     # compete with any match.
     map_descriptors = _random_map(rng, 24)
     never_visited = _observe(rng, _random_map(rng, 60), np.arange(60))
-    threshold = DEFAULT_SEQUENCE_CONF['min_confidence']
+    threshold = SequenceConf().min_confidence
     conf = {'memory': memory, 'length': 10}
     _, _, confidence = match_traverse(never_visited, map_descriptors, conf=conf)
     assert np.sum(confidence[5:] >= threshold) <= 1
@@ -120,7 +119,7 @@ def test_a_small_map_does_not_accept_a_route_it_never_saw(memory: str) -> None:
 def test_a_map_within_one_exclusion_window_is_judged_by_chance_level_alone() -> None:
     rng = np.random.default_rng(11)
     map_descriptors = _random_map(rng, 11)  # no place is outside any match's window
-    threshold = DEFAULT_SEQUENCE_CONF['min_confidence']
+    threshold = SequenceConf().min_confidence
     places = np.arange(11)
     best, _, confidence = match_traverse(_observe(rng, map_descriptors, places), map_descriptors)
     assert np.all(confidence[4:] >= threshold)
@@ -155,7 +154,7 @@ def test_stopping_and_resuming_keeps_the_match(memory: str) -> None:
         best = matcher.update(query)[0]
         if i >= 10:
             assert abs(best.place_index - places[i]) <= 1, f'frame {i}'
-            assert best.confidence >= matcher.conf['min_confidence'], f'frame {i}'
+            assert best.confidence >= matcher.conf.min_confidence, f'frame {i}'
 
 
 @pytest.mark.parametrize('memory', MEMORIES)
@@ -229,7 +228,7 @@ def test_another_traverse_of_the_same_route_does_not_compete_when_positions_are_
     _, _, blind = match_traverse(queries, map_descriptors, traverse_ids)
     _, _, aware = match_traverse(queries, map_descriptors, traverse_ids, place_xyz=xyz)
     assert np.median(blind[10:]) < 0.5  # the twin place competes with the match
-    assert np.all(aware[10:] >= DEFAULT_SEQUENCE_CONF['min_confidence'])
+    assert np.all(aware[10:] >= SequenceConf().min_confidence)
 
 
 def test_patch_normalised_descriptor_ignores_brightness_and_contrast() -> None:
@@ -264,18 +263,20 @@ def test_sequence_image_descriptors_follow_the_configuration() -> None:
 @pytest.mark.parametrize(
     ('conf', 'match'),
     [
-        ({'lenght': 10}, 'unknown sequence settings'),
+        ({'lenght': 10}, 'unknown SequenceConf setting'),
         ({'memory': 'forever'}, 'memory must be one of'),
-        ({'length': 0}, 'length must be an integer >= 1'),
-        ({'stop_penalty': -1.0}, 'stop_penalty must be a number >= 0'),
+        ({'length': 0}, 'length must be >= 1'),
+        ({'length': 2.5}, 'length must be an integer'),
+        ({'stop_penalty': -1.0}, 'stop_penalty must be >= 0'),
         ({'min_confidence': 1.5}, r'min_confidence must be in \[0, 1\]'),
-        ({'null_quantile': 1.0}, r'null_quantile must be in \[0, 1\)'),
+        ({'null_quantile': 1.0}, r'null_quantile must be in \[0, 0.999999\]'),
         ({'image_size': [30, 16]}, 'image_size must be'),
+        ({'confidence_scale': float('nan')}, 'confidence_scale must be a finite number'),
     ],
 )
 def test_bad_settings_are_rejected_with_the_offending_value(conf: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        check_sequence_conf(conf)
+        SequenceConf.from_dict(conf)
 
 
 def test_a_query_of_the_wrong_size_is_rejected() -> None:

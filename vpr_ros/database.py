@@ -8,7 +8,7 @@ On disk a map is a directory::
     local_features.npy         (N, L, C) float16, L2-normalised per location (optional)
     sequence_descriptors.npy   (N, S) float16 cheap image descriptors for sequence
                                matching (optional; see vpr_ros.sequence)
-    index.faiss                faiss index over the global descriptors
+    index.faiss                retrieval index over the global descriptors (vpr_ros.retrieval)
 
 Everything is plain numpy (``allow_pickle=False``), JSON and faiss, so a map reads
 without torch. ``manifest.json`` is written last and lists every file's size and
@@ -25,15 +25,15 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import faiss
 import numpy as np
 
-from vpr_ros.errors import DatabaseError
-from vpr_ros.models.base import ModelIdentity
-from vpr_ros.retrieval import build_index, search
+from vpr_ros.errors import ConfigError, DatabaseError
+from vpr_ros.models.identity import ModelIdentity
+from vpr_ros.retrieval import INDEX_BACKENDS, Index, IndexConf, make_index
 from vpr_ros.types import Frame, Pose
 
 FORMAT_NAME = 'vpr_ros.place_database'
@@ -44,7 +44,6 @@ PLACES_FILE = 'places.npy'
 GLOBAL_FILE = 'global_descriptors.npy'
 LOCAL_FILE = 'local_features.npy'
 SEQUENCE_FILE = 'sequence_descriptors.npy'
-INDEX_FILE = 'index.faiss'
 
 # One row per place. Poses are in ``frame_id`` (the map frame); ``traverse`` numbers the
 # source sequences, and places of one traverse are stored in keyframe order, which gives
@@ -139,7 +138,12 @@ class PlaceDatabase:
         global_descriptors: (N, D) float32.
         places: (N,) rows of ``PLACE_DTYPE``.
         local_features: (N, L, C) float16/float32, or None for a map without re-ranking.
-        index_conf: faiss index settings (see ``vpr_ros.retrieval``).
+        index_conf: retrieval index settings (``vpr_ros.retrieval.IndexConf`` or overrides).
+        index: an index over ``global_descriptors`` (read from disk), instead of a new one.
+        sequence_descriptors: (N, S) sequence descriptors, or None.
+        sequence_conf: how they were made (``image_size``, ``patch``).
+        enu_origin: (lat, lon, alt) of the ENU frame of NavSatFix poses, or None.
+        local_grid: (h, w) of the local feature maps (L = h * w), when known.
     """
 
     def __init__(
@@ -149,11 +153,12 @@ class PlaceDatabase:
         places: np.ndarray,
         local_features: np.ndarray | None = None,
         *,
-        index_conf: dict | None = None,
-        index: faiss.Index | None = None,
+        index_conf: IndexConf | Mapping[str, Any] | None = None,
+        index: Index | None = None,
         sequence_descriptors: np.ndarray | None = None,
-        sequence_conf: dict | None = None,
+        sequence_conf: Mapping[str, Any] | None = None,
         enu_origin: Sequence[float] | None = None,
+        local_grid: Sequence[int] | None = None,
     ) -> None:
         if global_descriptors.ndim != 2 or global_descriptors.shape[1] != model.global_dim:
             msg = (
@@ -182,9 +187,15 @@ class PlaceDatabase:
         self.global_descriptors = np.ascontiguousarray(global_descriptors, np.float32)
         self.places = places.astype(PLACE_DTYPE, copy=False)
         self.local_features = local_features
-        self.index_conf = dict(index_conf or {'type': 'flat'})
-        self.index = (
-            index if index is not None else build_index(self.global_descriptors, self.index_conf)
+        self.local_grid = tuple(int(v) for v in local_grid) if local_grid else None
+        try:
+            if not isinstance(index_conf, IndexConf):
+                index_conf = IndexConf.from_dict(index_conf)
+            self.index_conf = index_conf
+        except ConfigError as err:
+            raise DatabaseError(f'bad index settings: {err}') from err
+        self.index: Index = (
+            index if index is not None else make_index(self.index_conf, self.global_descriptors)
         )
 
     @classmethod
@@ -193,8 +204,8 @@ class PlaceDatabase:
         model: ModelIdentity,
         *,
         with_local: bool = True,
-        index_conf: dict | None = None,
-        sequence_conf: dict | None = None,
+        index_conf: IndexConf | Mapping[str, Any] | None = None,
+        sequence_conf: Mapping[str, Any] | None = None,
     ) -> PlaceDatabase:
         """A map with no places yet, for ``add``; with ``sequence_conf``, places also
         carry sequence descriptors made with those settings."""
@@ -220,6 +231,11 @@ class PlaceDatabase:
         """(N, 7) poses x y z qx qy qz qw (NaN where unknown)."""
         return np.stack([self.places[f] for f in POSE_FIELDS], axis=1)
 
+    def poses_of(self, indices: np.ndarray) -> np.ndarray:
+        """(K, 7) poses of the places ``indices`` (K,) (NaN where unknown); O(K)."""
+        rows = self.places[np.asarray(indices, np.int64)]
+        return np.stack([rows[f] for f in POSE_FIELDS], axis=1).reshape(-1, 7)
+
     def pose(self, index: int) -> Pose | None:
         row = self.places[index]
         if np.isnan(row['x']):
@@ -234,6 +250,8 @@ class PlaceDatabase:
         places: np.ndarray,
         local_features: np.ndarray | None = None,
         sequence_descriptors: np.ndarray | None = None,
+        *,
+        local_grid: Sequence[int] | None = None,
     ) -> None:
         """Append places (descriptors from the same model as the map)."""
         if global_descriptors.shape[1:] != (self.model.global_dim,):
@@ -262,6 +280,13 @@ class PlaceDatabase:
                     f'of {self.model.describe()}'
                 )
                 raise DatabaseError(msg)
+            grid = tuple(int(v) for v in local_grid) if local_grid else None
+            if grid and self.local_grid and len(self) and grid != self.local_grid:
+                msg = (
+                    f'local features on a {grid!r} grid cannot join a map with a '
+                    f'{self.local_grid!r} grid'
+                )
+                raise DatabaseError(msg)
             local = _concatenate(local, np.asarray(local_features, np.float16), 'local features')
         sequence = self.sequence_descriptors
         if sequence_descriptors is not None:
@@ -273,6 +298,8 @@ class PlaceDatabase:
         )
         self.places = np.concatenate([self.places, places])
         self.local_features, self.sequence_descriptors = local, sequence
+        if local_features is not None and local_grid:
+            self.local_grid = tuple(int(v) for v in local_grid)
         self.index.add(np.ascontiguousarray(global_descriptors, np.float32))
 
     def next_place_id(self) -> int:
@@ -302,14 +329,18 @@ class PlaceDatabase:
         places['place_id'] = places['place_id'] - places['place_id'].min() + self.next_place_id()
         places['traverse'] += self.next_traverse()
         self.add(
-            other.global_descriptors, places, other.local_features, other.sequence_descriptors
+            other.global_descriptors,
+            places,
+            other.local_features,
+            other.sequence_descriptors,
+            local_grid=other.local_grid,
         )
 
     # -- retrieval ----------------------------------------------------------------------
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` places per query: (similarities (Q, k), place indices (Q, k))."""
-        return search(self.index, queries, min(k, max(len(self), 1)))
+        return self.index.search(queries, min(k, max(len(self), 1)))
 
     def check_model(self, model: ModelIdentity, *, what: str = 'the query model') -> None:
         """Raise DatabaseError unless ``model`` made this map's descriptors."""
@@ -348,15 +379,6 @@ class PlaceDatabase:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def _index_to_store(self) -> faiss.Index:
-        """The index as configured: a map grown place by place has an exact index (an
-        approximate one needs all descriptors to train), so it is built here."""
-        if self.index_conf.get('type', 'flat') != 'flat' and isinstance(
-            self.index, faiss.IndexFlat
-        ):
-            self.index = build_index(self.global_descriptors, self.index_conf)
-        return self.index
-
     def _write(self, directory: Path) -> None:
         files = {PLACES_FILE: self.places, GLOBAL_FILE: self.global_descriptors}
         if self.local_features is not None:
@@ -368,15 +390,19 @@ class PlaceDatabase:
                 np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
                 stream.flush()
                 os.fsync(stream.fileno())
-        faiss.write_index(self._index_to_store(), str(directory / INDEX_FILE))
-        _fsync_path(directory / INDEX_FILE)
-        names = [*files, INDEX_FILE]
+        # An approximate index of a map grown place by place is trained now.
+        self.index.finalize(self.global_descriptors)
+        index_files = self.index.write(directory)
+        for name in index_files:
+            _fsync_path(directory / name)
+        names = [*files, *index_files]
         local = None
         if self.local_features is not None:
             local = {
                 'num_locations': int(self.local_features.shape[1]),
                 'dim': int(self.local_features.shape[2]),
                 'dtype': 'float16',
+                'grid': list(self.local_grid) if self.local_grid else None,
             }
         manifest = {
             'format': FORMAT_NAME,
@@ -388,7 +414,7 @@ class PlaceDatabase:
             'local': local,
             'sequence': self.sequence_conf,
             'enu_origin': list(self.enu_origin) if self.enu_origin else None,
-            'index': self.index_conf,
+            'index': self.index_conf.to_dict(),
             'files': {
                 name: {
                     'bytes': (directory / name).stat().st_size,
@@ -448,7 +474,12 @@ class PlaceDatabase:
         model = ModelIdentity.from_dict(manifest['model'])
         if expected_model is not None:
             check_same_model(model, expected_model, what='the query model')
-        expected_files = {PLACES_FILE, GLOBAL_FILE, INDEX_FILE}
+        try:
+            index_conf = IndexConf.from_dict(manifest['index'])
+        except ConfigError as err:
+            raise DatabaseError(f'map {str(path)!r} has bad index settings: {err}') from err
+        index_class = INDEX_BACKENDS[index_conf.backend]
+        expected_files = {PLACES_FILE, GLOBAL_FILE, *index_class.files()}
         expected_files |= {LOCAL_FILE} if manifest['local'] else set()
         expected_files |= {SEQUENCE_FILE} if manifest['sequence'] else set()
         if set(manifest['files']) != expected_files:
@@ -482,7 +513,7 @@ class PlaceDatabase:
             sequence = None
             if SEQUENCE_FILE in manifest['files']:
                 sequence = np.load(path / SEQUENCE_FILE, allow_pickle=False)
-            index = faiss.read_index(str(path / INDEX_FILE))
+            index = index_class.read(path, index_conf)
         except (ValueError, OSError, RuntimeError) as err:
             raise DatabaseError(f'cannot read map {str(path)!r}: {err}') from err
         if local is not None and (
@@ -500,7 +531,7 @@ class PlaceDatabase:
                 f'manifest says ({count}, {model.global_dim})'
             )
             raise DatabaseError(msg)
-        if index.ntotal != count or index.d != model.global_dim:
+        if index.ntotal != count or index.dim != model.global_dim:
             raise DatabaseError(f'map {str(path)!r}: the faiss index does not match the places')
         if local is not None and (
             len(local) != count or local.shape[2] != manifest['local']['dim']
@@ -513,11 +544,12 @@ class PlaceDatabase:
             global_descriptors,
             places,
             local,
-            index_conf=manifest['index'],
+            index_conf=index_conf,
             index=index,
             sequence_descriptors=sequence,
             sequence_conf=manifest.get('sequence'),
             enu_origin=manifest.get('enu_origin'),
+            local_grid=(manifest['local'] or {}).get('grid'),
         )
 
     @staticmethod

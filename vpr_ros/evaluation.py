@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
+from typing import Any
 
 import cv2
 import numpy as np
@@ -58,7 +59,8 @@ from vpr_ros.database import PLACE_DTYPE, PlaceDatabase
 from vpr_ros.errors import ConfigError, ImageDecodeError
 from vpr_ros.extraction import Extractor
 from vpr_ros.models.base import VprModel
-from vpr_ros.relocalization import DEFAULT_RELOCALIZATION_CONF, Relocalizer
+from vpr_ros.relocalization import RelocalizationConf, Relocalizer
+from vpr_ros.runtime import set_num_threads
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
 DEFAULT_RECALL_NS = (1, 5, 10, 20)
@@ -856,7 +858,7 @@ def evaluate(
     reference: PlaceDatabase | Sequence[str | os.PathLike],
     queries: Sequence[str | os.PathLike],
     positives: Sequence[Iterable[int]],
-    conf: dict | None = None,
+    conf: RelocalizationConf | Mapping[str, Any] | None = None,
     *,
     query_names: Sequence[str] | None = None,
     reference_positions: np.ndarray | None = None,
@@ -881,7 +883,7 @@ def evaluate(
             Queries without a positive are matched like the others (so a sequence sees
             the whole run) but left out of Recall@N; in the precision-recall curve their
             answer is wrong if accepted (see ``summarize``).
-        conf: relocalization settings (``DEFAULT_RELOCALIZATION_CONF`` keys).
+        conf: relocalization settings (or a mapping of overrides of the defaults).
         query_names: names for the report (default: the paths).
         reference_positions: (N, 2) metres for reference images (ignored for a map).
         ns: the N of Recall@N.
@@ -892,20 +894,18 @@ def evaluate(
     Raises:
         ConfigError: no query has a positive (checked before any extraction).
     """
-    conf = {**DEFAULT_RELOCALIZATION_CONF, **(conf or {})}
+    if not isinstance(conf, RelocalizationConf):
+        conf = RelocalizationConf.from_dict(conf)
     positives = [np.asarray(sorted(set(int(i) for i in p)), np.int64) for p in positives]
     if len(positives) != len(queries):
         raise ValueError(f'{len(positives)} ground-truth entries for {len(queries)} queries')
     names = [str(n) for n in (query_names if query_names is not None else queries)]
-    if num_threads:
-        import faiss
-
-        faiss.omp_set_num_threads(int(num_threads))
-    if int(conf['top_k']) < max(ns):
+    set_num_threads(num_threads)
+    if conf.top_k < max(ns):
         logger.warning(
             'top_k=%d < %d: Recall@N for larger N is only known when the reference is '
             'that small; raise top_k to report it',
-            int(conf['top_k']),
+            conf.top_k,
             max(ns),
         )
     require_a_positive(positives)
@@ -932,12 +932,16 @@ def evaluate(
             progress=progress,
         )
         reference_seconds = time.perf_counter() - started
-    top_k = int(conf['top_k'])
-    plain = Relocalizer(model, database, {**conf, 'rerank_k': 0}, num_threads=num_threads)
-    rerank_k = min(int(conf['rerank_k']), top_k)
+    top_k = conf.top_k
+    plain = Relocalizer(
+        model, database, conf.replace(rerank_k=0, mode='single'), num_threads=num_threads
+    )
+    rerank_k = min(conf.rerank_k, top_k)
     reranker = None
     if rerank_k > 0 and database.local_features is not None and len(database):
-        reranker = Relocalizer(model, database, conf, num_threads=num_threads)
+        reranker = Relocalizer(
+            model, database, conf.replace(mode='single'), num_threads=num_threads
+        )
     elif rerank_k > 0:
         logger.warning('the map has no local features: reporting retrieval only')
     count = len(queries)
@@ -990,7 +994,7 @@ def evaluate(
         query_names=names,
         positives=positives,
         num_db=len(database),
-        conf={**conf, 'rerank_k': rerank_k if reranker is not None else 0},
+        conf={**conf.to_dict(), 'rerank_k': rerank_k if reranker is not None else 0},
         database=database,
         query_globals=query_globals,
         extract_latencies_s=extract_s,
@@ -1079,12 +1083,12 @@ def evaluate_sequence(
         name: the method's label.
         progress: show a progress bar.
     """
-    from vpr_ros.sequence import SequenceMatcher
+    from vpr_ros.sequence import SequenceMatcher, as_sequence_conf
 
-    conf = {**(conf or {}), 'top_k': int(max(ns))}
+    conf = as_sequence_conf(conf).replace(top_k=int(max(ns)))
     matcher = SequenceMatcher(map_descriptors, traverse_ids, conf, place_xyz=place_xyz)
     count = len(query_descriptors)
-    predictions = np.full((count, int(matcher.conf['top_k'])), -1, np.int64)
+    predictions = np.full((count, matcher.conf.top_k), -1, np.int64)
     confidences = np.zeros(count)
     latencies = np.zeros(count)
     for i, query in enumerate(tqdm(query_descriptors, desc=name, disable=not progress)):

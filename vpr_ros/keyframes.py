@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from vpr_ros.config import Conf, option
 from vpr_ros.errors import ConfigError
 from vpr_ros.geometry import distance_m, rotation_angle_deg
 from vpr_ros.types import Pose
+
+
+@dataclass(frozen=True)
+class KeyframeConf(Conf):
+    """When a frame becomes a keyframe (a map place); see ``KeyframeSelector``."""
+
+    min_distance_m: float = option(
+        1.0,
+        'New keyframe after travelling this far (0: every frame with a pose)',
+        unit='m',
+        min=0.0,
+    )
+    min_rotation_deg: float = option(
+        15.0, 'New keyframe after turning this much', unit='deg', min=0.0
+    )
+    max_interval_s: float = option(
+        0.0, 'New keyframe after this long regardless of motion (0: off)', unit='s', min=0.0
+    )
 
 
 class KeyframeSelector:
@@ -55,6 +76,10 @@ class KeyframeSelector:
         self.max_interval_s = max_interval_s
         self._max_interval_ns = None if max_interval_s is None else round(max_interval_s * 1e9)
         self.reset()
+
+    @classmethod
+    def from_conf(cls, conf: KeyframeConf) -> KeyframeSelector:
+        return cls(conf.min_distance_m, conf.min_rotation_deg, conf.max_interval_s or None)
 
     def reset(self) -> None:
         """Forget all keyframes; the next frame is kept."""

@@ -8,32 +8,67 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from vpr_ros import logger
 from vpr_ros.bagio import NavSatOrigin, count_messages, read_frames
+from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase, place_records
 from vpr_ros.errors import BagReadError
-from vpr_ros.extraction import Extractor
-from vpr_ros.keyframes import KeyframeSelector
-from vpr_ros.models.base import VprModel
-from vpr_ros.sequence import patch_normalised_descriptor
+from vpr_ros.keyframes import KeyframeConf, KeyframeSelector
+from vpr_ros.retrieval import IndexConf
+from vpr_ros.sequence import SequenceConf, patch_normalised_descriptor
 from vpr_ros.types import Frame, SkipCounter
 
-DEFAULT_BUILD_CONF = {
-    'keyframes': {'min_distance_m': 1.0, 'min_rotation_deg': 15.0, 'max_interval_s': None},
-    'max_pose_gap_s': 0.5,  # images with no pose within this gap are skipped
-    'batch_size': 8,
-    'store_local_features': True,  # needed for re-ranking; about L * C * 2 bytes a place
-    # Patch-normalised pixels per place for sequence matching (vpr_ros.sequence); about
-    # 4 KB a place at 64x32. None: not stored.
-    'sequence_descriptors': {'image_size': [64, 32], 'patch': 8},
-    'index': {'type': 'flat'},
-}
+if TYPE_CHECKING:
+    from vpr_ros.models.base import VprModel
+
+
+@dataclass(frozen=True)
+class BuildConf(Conf):
+    """How a map is built from frames (build_map's options, map_builder's parameters)."""
+
+    keyframes: KeyframeConf = nested(KeyframeConf, flatten=True)
+    max_pose_gap_s: float = option(
+        0.5,
+        'Skip images whose two bracketing poses are further apart than this',
+        unit='s',
+        min=0.0,
+        min_exclusive=True,
+    )
+    batch_size: int = option(8, 'Images per forward pass', min=1)
+    local_features: bool = option(
+        True, 'Store local features (needed for re-ranking; about L * C * 2 bytes a place)'
+    )
+    sequence_descriptors: bool = option(
+        True,
+        'Store patch-normalised pixels per place for sequence matching (about 4 KB a place '
+        'at 64x32; without them sequence matching needs its global-descriptor variant)',
+    )
+    sequence_image_size: list[int] = option(
+        [64, 32],
+        'Sequence descriptors: (width, height) images are resized to',
+        unit='px',
+        min=1,
+        length=2,
+        cli=False,
+    )
+    sequence_patch: int = option(
+        8, 'Sequence descriptors: side of the normalised patches', unit='px', min=1, cli=False
+    )
+    index: IndexConf = nested(IndexConf)
+
+    def sequence_settings(self) -> dict[str, Any] | None:
+        """What the map records of how its sequence descriptors are made (None: none)."""
+        if not self.sequence_descriptors:
+            return None
+        SequenceConf(image_size=self.sequence_image_size, patch=self.sequence_patch)  # check
+        return {'image_size': list(self.sequence_image_size), 'patch': self.sequence_patch}
 
 
 @dataclass
@@ -72,7 +107,7 @@ class MapBuilder:
 
     Args:
         model: the descriptor model.
-        conf: overrides of ``DEFAULT_BUILD_CONF``.
+        conf: the settings, or a mapping of overrides of the defaults.
         database: an existing map to append to (same model), or None for a new one.
         num_threads: torch threads.
     """
@@ -80,25 +115,25 @@ class MapBuilder:
     def __init__(
         self,
         model: VprModel,
-        conf: dict | None = None,
+        conf: BuildConf | Mapping[str, Any] | None = None,
         *,
         database: PlaceDatabase | None = None,
         num_threads: int | None = None,
     ) -> None:
-        self.conf = {**DEFAULT_BUILD_CONF, **(conf or {})}
+        from vpr_ros.extraction import Extractor
+
+        self.conf = conf if isinstance(conf, BuildConf) else BuildConf.from_dict(conf)
         self.model = model
-        self.extractor = Extractor(
-            model, batch_size=int(self.conf['batch_size']), num_threads=num_threads
-        )
+        self.extractor = Extractor(model, batch_size=self.conf.batch_size, num_threads=num_threads)
         if database is not None:
             database.check_model(model.identity(), what='the model building on it')
         self.database = database or PlaceDatabase.empty(
             model.identity(),
-            with_local=bool(self.conf['store_local_features']),
-            index_conf=self.conf['index'],
-            sequence_conf=self.conf['sequence_descriptors'],
+            with_local=self.conf.local_features,
+            index_conf=self.conf.index,
+            sequence_conf=self.conf.sequence_settings(),
         )
-        self.selector = KeyframeSelector(**self.conf['keyframes'])
+        self.selector = KeyframeSelector.from_conf(self.conf.keyframes)
         self.traverse = self.database.next_traverse()
         self._pending: list[Frame] = []
 
@@ -134,7 +169,13 @@ class MapBuilder:
             sequence = patch_normalised_descriptor(
                 [f.image for f in frames], tuple(settings['image_size']), int(settings['patch'])
             )
-        self.database.add(descriptors.global_descriptors, rows, local, sequence)
+        self.database.add(
+            descriptors.global_descriptors,
+            rows,
+            local,
+            sequence,
+            local_grid=descriptors.local_grid,
+        )
 
     def save(self, path: str | os.PathLike) -> Path:
         self.flush()
@@ -148,7 +189,7 @@ def build_map(
     pose_topic: str | None,
     out_dir: str | os.PathLike,
     *,
-    conf: dict | None = None,
+    conf: BuildConf | Mapping[str, Any] | None = None,
     append: bool = False,
     num_threads: int | None = None,
     progress: bool = True,
@@ -177,7 +218,7 @@ def build_map(
                 [bag],
                 image_topic,
                 pose_topic,
-                max_pose_gap_s=float(builder.conf['max_pose_gap_s']),
+                max_pose_gap_s=builder.conf.max_pose_gap_s,
                 skips=summary.skipped,
                 navsat_origin=navsat,
             )

@@ -1,37 +1,89 @@
-"""The relocalization pipeline, ROS-free: image in, re-ranked place hypotheses out.
+"""The relocalization pipeline, ROS-free: image in, ranked place hypotheses out.
 
-Single-frame mode: retrieve top_k by global descriptor (faiss) -> re-rank the best
-rerank_k by MNN local matches -> confidences. Sequence mode: every frame of a camera
-stream updates a ``SequenceMatcher`` over the map's keyframe order, and its matches (with
-the sequence evidence as confidence) are the hypotheses. The relocalize node and
-``evaluate`` both run this class.
+Per frame: describe the image (the model) -> retrieve ``top_k`` candidates by global
+descriptor (the map's ``Index``) -> re-score the best ``rerank_k`` (a ``Reranker``) -> the
+mode's ``PlaceEvidence`` turns that into hypotheses with confidences. Each stage runs only
+when the evidence needs it (``PlaceEvidence.needs``). The relocalize node, ``evaluate``,
+training's validation and the benchmarks all run this class.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError
+from vpr_ros.evidence import (
+    EVIDENCE,
+    GLOBAL,
+    RERANK,
+    RETRIEVAL,
+    SEQUENCE,
+    Observation,
+    PlaceEvidence,
+)
 from vpr_ros.extraction import Descriptors, Extractor
 from vpr_ros.models.base import VprModel
-from vpr_ros.rerank import confidences, rerank
-from vpr_ros.sequence import SequenceMatcher, check_sequence_conf, sequence_image_descriptors
-from vpr_ros.types import Hypothesis, Pose
+from vpr_ros.rerank import RERANKERS, Reranker, make_reranker
+from vpr_ros.sequence import SequenceConf, sequence_image_descriptors
+from vpr_ros.types import Hypothesis
 
-DEFAULT_RELOCALIZATION_CONF = {
-    'top_k': 20,  # candidates retrieved by global descriptor
-    'rerank_k': 10,  # of those, how many are re-ranked by local matches (0: no re-ranking)
-    'min_similarity': -1.0,  # local matches below this cosine similarity do not count
-    'competitor_radius_m': 10.0,  # candidates nearer than this to a hypothesis agree with it
-    'noise_floor': 0.05,  # rerank score unrelated images reach (see rerank.confidences)
-    'mode': 'single',  # 'single' (one frame) or 'sequence' (the last frames of a stream)
-    'sequence': {},  # overrides of vpr_ros.sequence.DEFAULT_SEQUENCE_CONF
-}
-MODES = ('single', 'sequence')
+MODES = tuple(EVIDENCE)
+
+
+@dataclass(frozen=True)
+class RelocalizationConf(Conf):
+    """Settings of the relocalization pipeline (the node's parameters of the same names)."""
+
+    top_k: int = option(20, 'Places retrieved by global descriptor', min=1, read_only=False)
+    rerank_k: int = option(
+        10,
+        'Best retrieved places re-ranked by the re-ranker and published (0: no re-ranking; '
+        'then all top_k are published, ranked by global similarity)',
+        min=0,
+        read_only=False,
+    )
+    reranker: str = option('mnn', 'How candidates are re-ranked', choices=tuple(RERANKERS))
+    min_similarity: float = option(
+        -1.0,
+        'Local matches below this cosine similarity do not count in re-ranking (-1: all count)',
+        min=-1.0,
+        max=1.0,
+    )
+    competitor_radius_m: float = option(
+        10.0,
+        'Hypotheses nearer than this to each other agree instead of competing for confidence',
+        unit='m',
+        min=0.0,
+    )
+    noise_floor: float = option(
+        0.05,
+        'Re-ranking score unrelated images reach anyway; a best score near it is not trusted',
+        min=0.0,
+        max=1.0,
+    )
+    mode: str = option(
+        'single',
+        "'single': each frame on its own (retrieval, then re-ranking); 'sequence': each "
+        "camera's recent frames matched along the map's keyframe order (settings sequence.*; "
+        'rerank_score then holds the sequence score)',
+        choices=MODES,
+    )
+    sequence: SequenceConf = nested(SequenceConf)
+
+    def validate(self) -> None:
+        if self.rerank_k > self.top_k:
+            msg = (
+                f'rerank_k must be in 0..top_k ({self.top_k}), got {self.rerank_k}; only '
+                'retrieved places can be re-ranked'
+            )
+            raise ConfigError(msg)
 
 
 @dataclass
@@ -52,161 +104,109 @@ class Relocalizer:
     Args:
         model: the model; it must be the one the map was built with.
         database: the map.
-        conf: overrides of ``DEFAULT_RELOCALIZATION_CONF``.
+        conf: the settings, or a mapping of overrides of the defaults.
         num_threads: torch threads for the model.
+
+    Raises:
+        DatabaseError: the map was built by another model, or lacks what the re-ranker reads.
+        ConfigError: bad settings, or a mode the map cannot serve.
     """
 
     def __init__(
         self,
         model: VprModel,
         database: PlaceDatabase,
-        conf: dict | None = None,
+        conf: RelocalizationConf | Mapping[str, Any] | None = None,
         *,
         num_threads: int | None = None,
     ) -> None:
-        self.conf = {**DEFAULT_RELOCALIZATION_CONF, **(conf or {})}
-        unknown = set(self.conf) - set(DEFAULT_RELOCALIZATION_CONF)
-        if unknown:
-            raise ConfigError(f'unknown relocalization settings {sorted(unknown)!r}')
-        if int(self.conf['top_k']) < 1:
-            raise ConfigError(f'top_k must be >= 1, got {self.conf["top_k"]!r}')
-        if self.conf['mode'] not in MODES:
-            raise ConfigError(f'mode must be one of {MODES}, got {self.conf["mode"]!r}')
+        if not isinstance(conf, RelocalizationConf):
+            conf = RelocalizationConf.from_dict(conf)
+        self.conf = conf
         database.check_model(model.identity())
         self.model = model
         self.database = database
         self.extractor = Extractor(model, batch_size=1, num_threads=num_threads)
-        self._poses = database.poses
-        self._matchers: dict[object, SequenceMatcher] = {}
-        if self.conf['mode'] == 'sequence':
-            self.sequence_conf, self._sequence_map = self._sequence_setup()
+        self.evidence: PlaceEvidence = EVIDENCE[conf.mode](database, conf)
+        self.reranker: Reranker | None = None
+        if RERANK in self.evidence.needs and conf.rerank_k > 0:
+            self.reranker = make_reranker(conf.reranker, min_similarity=conf.min_similarity)
+            self.reranker.check_map(database)
 
-    def _sequence_setup(self) -> tuple[dict, np.ndarray]:
-        """Sequence settings and map descriptors; patch-normalised descriptors must have
-        been stored in the map with the same image settings."""
-        db = self.database
-        conf = check_sequence_conf(self.conf['sequence'])
-        if conf['descriptor'] == 'global':
-            return conf, db.global_descriptors
-        if db.sequence_descriptors is None or db.sequence_conf is None:
-            msg = (
-                'sequence matching on patch-normalised pixels needs a map built with sequence '
-                "descriptors (build_map stores them by default); or set descriptor: 'global'"
-            )
-            raise ConfigError(msg)
-        # The map decides how its images were described; queries must be described alike.
-        conf = check_sequence_conf({**conf, **db.sequence_conf})
-        return conf, np.asarray(db.sequence_descriptors, np.float32)
+    @property
+    def needs(self) -> frozenset[str]:
+        """What each frame's observation holds (see ``vpr_ros.evidence``)."""
+        return self.evidence.needs
 
     def reset_sequences(self) -> None:
         """Forget every stream's recent frames (after a jump, or a pause)."""
-        self._matchers.clear()
-
-    def _matcher(self, stream: object) -> SequenceMatcher:
-        if stream not in self._matchers:
-            positions = self._poses[:, :3]
-            self._matchers[stream] = SequenceMatcher(
-                self._sequence_map,
-                self.database.places['traverse'],
-                self.sequence_conf,
-                place_xyz=positions,
-            )
-        return self._matchers[stream]
+        self.evidence.reset()
 
     def describe(self, image: np.ndarray) -> Descriptors:
         """Descriptors of one RGB image."""
         return self.extractor.extract([image])
 
-    def relocalize(self, image: np.ndarray, stream: object = 0) -> RelocalizationResult:
+    def relocalize(self, image: np.ndarray, stream: Hashable = 0) -> RelocalizationResult:
         """Hypotheses for one RGB uint8 image, best first.
 
-        ``stream`` names the camera the image comes from: in sequence mode each stream
-        has its own history of frames.
+        ``stream`` names the camera the image comes from: modes with a history keep one
+        per stream.
         """
         start = time.perf_counter()
         descriptors = self.describe(image)
         extracted = time.perf_counter()
-        if self.conf['mode'] == 'sequence':
-            if self.sequence_conf['descriptor'] == 'global':
-                query = descriptors.global_descriptors[0]
-            else:
-                query = sequence_image_descriptors([image], self.sequence_conf)[0]
-            result = self.match_sequence(query, descriptors.global_descriptors[0], stream)
-        else:
-            result = self.match(descriptors.global_descriptors[0], descriptors.local_features[0])
+        result = self.relocalize_described(image, descriptors, stream)
         result.timings['extract'] = extracted - start
         return result
 
-    def match_sequence(
-        self, query: np.ndarray, query_global: np.ndarray, stream: object = 0
+    def relocalize_described(
+        self, image: np.ndarray | None, descriptors: Descriptors, stream: Hashable = 0
     ) -> RelocalizationResult:
-        """Hypotheses from the sequence matcher of ``stream`` after this frame.
+        """Hypotheses for a query already described (a batch of one), e.g. when one
+        description serves several pipelines; ``image`` feeds image-based stages."""
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        needs = self.evidence.needs
+        candidates = np.zeros(0, np.int64)
+        global_scores = np.zeros(0, np.float32)
+        query_global = descriptors.global_descriptors[0]
+        if RETRIEVAL in needs:
+            candidates, global_scores = self.retrieve(query_global)
+            timings['retrieve'] = time.perf_counter() - started
+        rerank_scores = None
+        if self.reranker is not None:
+            begun = time.perf_counter()
+            head = candidates[: self.conf.rerank_k]
+            query = self.reranker.query_features(image, descriptors)
+            rerank_scores = self.reranker.scores(query, head, self.database)
+            timings['rerank'] = time.perf_counter() - begun
+        sequence_descriptor = None
+        if SEQUENCE in needs:
+            if image is None:
+                raise ConfigError('patch-normalised sequence matching needs the query image')
+            sequence_descriptor = sequence_image_descriptors(
+                [image], getattr(self.evidence, 'conf', None)
+            )[0]
+        observation = Observation(
+            stream=stream,
+            candidates=candidates,
+            global_scores=global_scores,
+            rerank_scores=rerank_scores,
+            global_descriptor=query_global if GLOBAL in needs else None,
+            sequence_descriptor=sequence_descriptor,
+        )
+        begun = time.perf_counter()
+        hypotheses = self.evidence.update(observation)
+        timings[self.conf.mode] = time.perf_counter() - begun
+        return RelocalizationResult(hypotheses, timings)
 
-        ``rerank_score`` holds the trajectory's sequence score (mean enhanced similarity,
-        higher is better) and ``confidence`` the sequence confidence.
-        """
-        start = time.perf_counter()
-        matches = self._matcher(stream).update(query)
-        db = self.database
-        hypotheses = [
-            Hypothesis(
-                place_index=m.place_index,
-                place_id=int(db.places['place_id'][m.place_index]),
-                global_score=float(db.global_descriptors[m.place_index] @ query_global),
-                rerank_score=float(m.score),
-                confidence=float(m.confidence),
-                pose=Pose.from_row(self._poses[m.place_index]),
-            )
-            for m in matches
-        ]
-        return RelocalizationResult(hypotheses, {'sequence': time.perf_counter() - start})
+    def retrieve(self, query_global: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ``top_k`` candidates (place indices) and their global similarities."""
+        scores, ids = self.database.search(query_global[None], self.conf.top_k)
+        valid = ids[0] >= 0
+        return ids[0][valid], scores[0][valid]
 
     def match(self, query_global: np.ndarray, query_local: np.ndarray) -> RelocalizationResult:
-        """Hypotheses for one query's descriptors (global (D,), local (L, C))."""
-        conf = self.conf
-        start = time.perf_counter()
-        scores, ids = self.database.search(query_global[None], int(conf['top_k']))
-        scores, ids = scores[0], ids[0]
-        valid = ids >= 0
-        scores, ids = scores[valid], ids[valid]
-        retrieved = time.perf_counter()
-        rerank_k = min(int(conf['rerank_k']), len(ids))
-        db = self.database
-        poses = self._poses[ids]
-        place_ids = db.places['place_id'][ids]
-        if rerank_k > 0 and db.local_features is not None:
-            head = ids[:rerank_k]
-            hypotheses = rerank(
-                query_local,
-                head,
-                scores[:rerank_k],
-                np.asarray(db.local_features[head], np.float32),
-                place_ids=place_ids[:rerank_k],
-                poses=poses[:rerank_k],
-                min_similarity=float(conf['min_similarity']),
-                competitor_radius_m=float(conf['competitor_radius_m']),
-                noise_floor=float(conf['noise_floor']),
-            )
-        else:
-            # Without re-ranking, the global similarity is the score.
-            conf_values = confidences(
-                np.clip(scores, 0, None),
-                poses[:, :3],
-                competitor_radius_m=float(conf['competitor_radius_m']),
-                noise_floor=float(conf['noise_floor']),
-            )
-            hypotheses = [
-                Hypothesis(
-                    place_index=int(ids[i]),
-                    place_id=int(place_ids[i]),
-                    global_score=float(scores[i]),
-                    rerank_score=float('nan'),
-                    confidence=float(conf_values[i]),
-                    pose=Pose.from_row(poses[i]),
-                )
-                for i in range(len(ids))
-            ]
-        done = time.perf_counter()
-        return RelocalizationResult(
-            hypotheses, {'retrieve': retrieved - start, 'rerank': done - retrieved}
-        )
+        """Single-frame hypotheses for one query's descriptors (global (D,), local (L, C))."""
+        descriptors = Descriptors(query_global[None], query_local[None])
+        return self.relocalize_described(None, descriptors)

@@ -1,17 +1,29 @@
-"""Re-ranking by mutual-nearest-neighbour (MNN) local-feature matches (SelaVPR).
+"""Re-ranking: the ``Reranker`` seam, and mutual-nearest-neighbour (MNN) matching (SelaVPR).
 
-No RANSAC and no geometry: a candidate's score is the fraction of the query's local
-features whose nearest neighbour in the candidate points back to them. It is a few dense
-matrix products per candidate, which is why it runs at a few percent of the cost of
-RANSAC-based re-ranking.
+A re-ranker scores the candidates that retrieval found, from what the query image gives
+and what the map stores per place; higher is better. ``RERANKERS`` maps the names that
+``RelocalizationConf.reranker`` (the node parameter ``reranker``, evaluate's ``--reranker``)
+selects to their classes; a re-ranker that needs per-place data says so in ``check_map``,
+which refuses a map that cannot serve it.
+
+``mnn`` (the default): no RANSAC and no geometry: a candidate's score is the fraction of
+the query's local features whose nearest neighbour in the candidate points back to them.
+It is a few dense matrix products per candidate, which is why it runs at a few percent of
+the cost of RANSAC-based re-ranking.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Protocol
+
 import numpy as np
 import torch
 
-from vpr_ros.types import Hypothesis, Pose
+from vpr_ros.errors import ConfigError, DatabaseError
+
+if TYPE_CHECKING:
+    from vpr_ros.database import PlaceDatabase
+    from vpr_ros.extraction import Descriptors
 
 # Similarity matrices are computed for this many (query x candidate) entries at a time.
 _MAX_ENTRIES_PER_CHUNK = 32_000_000
@@ -88,74 +100,65 @@ def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.float()
 
 
-def confidences(
-    scores: np.ndarray,
-    positions: np.ndarray | None = None,
-    *,
-    competitor_radius_m: float = 10.0,
-    noise_floor: float = 0.05,
-) -> np.ndarray:
-    """Confidence in [0, 1] for each re-ranked candidate.
+class Reranker(Protocol):
+    """Scores retrieved candidates for one query; higher is better."""
 
-    A place is trusted when it beats its best competitor clearly. The competitor of the
-    candidate i is the best other candidate more than ``competitor_radius_m`` away
-    (neighbouring keyframes of the same place are not competitors); without positions,
-    every other candidate competes. ``noise_floor`` is the MNN fraction unrelated images
-    reach anyway, so a weak best candidate with no competitor is not trusted either.
-    confidence_i = clip((s_i - max(s_competitor, noise_floor)) / s_i, 0, 1).
-    """
-    scores = np.asarray(scores, np.float64)
-    out = np.zeros(len(scores), np.float32)
-    for i, score in enumerate(scores):
-        others = np.ones(len(scores), bool)
-        others[i] = False
-        if positions is not None:
-            # A place with an unknown position may be anywhere: it competes.
-            dist = np.linalg.norm(positions - positions[i], axis=1)
-            others &= ~(dist <= competitor_radius_m)
-        competitor = max(scores[others].max(initial=0.0), noise_floor)
-        out[i] = np.clip((score - competitor) / score, 0.0, 1.0) if score > 0 else 0.0
-    return out
+    name: str
+
+    def check_map(self, database: PlaceDatabase) -> None:
+        """Raise ``DatabaseError`` (saying how to rebuild) when the map lacks what this
+        re-ranker reads."""
+
+    def query_features(self, image: np.ndarray | None, descriptors: Descriptors) -> Any:
+        """What the re-ranker needs of one query: from its RGB image (None when the caller
+        has only descriptors) or from the model's descriptors (a batch of one)."""
+
+    def scores(self, query: Any, candidates: np.ndarray, database: PlaceDatabase) -> np.ndarray:
+        """(K,) float32 scores of the map places ``candidates`` (K,) for ``query``."""
 
 
-def rerank(
-    query_local: np.ndarray,
-    candidate_indices: np.ndarray,
-    global_scores: np.ndarray,
-    candidate_locals: np.ndarray,
-    *,
-    place_ids: np.ndarray | None = None,
-    poses: np.ndarray | None = None,
-    min_similarity: float = -1.0,
-    competitor_radius_m: float = 10.0,
-    noise_floor: float = 0.05,
-) -> list[Hypothesis]:
-    """Re-rank candidates by MNN score; returns hypotheses, best first.
+class MnnReranker:
+    """SelaVPR's re-ranking: the fraction of query locations with an MNN local match.
 
     Args:
-        query_local: (L1, C) query local features.
-        candidate_indices: (K,) place indices in the map (from retrieval).
-        global_scores: (K,) global similarities of those candidates.
-        candidate_locals: (K, L2, C) their local features.
-        place_ids: (K,) place ids (default: the indices).
-        poses: (K, 7) poses x y z qx qy qz qw, used for competitors and in the output.
+        min_similarity: matches below this cosine similarity do not count.
     """
-    scores = mnn_scores(query_local, candidate_locals, min_similarity)
-    positions = poses[:, :3] if poses is not None else None
-    conf = confidences(
-        scores, positions, competitor_radius_m=competitor_radius_m, noise_floor=noise_floor
-    )
-    # Ties in MNN score fall back to the global similarity.
-    order = np.lexsort((-np.asarray(global_scores), -scores))
-    ids = place_ids if place_ids is not None else candidate_indices
-    return [
-        Hypothesis(
-            place_index=int(candidate_indices[i]),
-            place_id=int(ids[i]),
-            global_score=float(global_scores[i]),
-            rerank_score=float(scores[i]),
-            confidence=float(conf[i]),
-            pose=Pose.from_row(poses[i]) if poses is not None else None,
-        )
-        for i in order
-    ]
+
+    name = 'mnn'
+
+    def __init__(self, *, min_similarity: float = -1.0) -> None:
+        self.min_similarity = float(min_similarity)
+
+    def check_map(self, database: PlaceDatabase) -> None:
+        if database.local_features is None:
+            msg = (
+                "re-ranker 'mnn' needs the map's local features, and this map has none "
+                '(built with --no-local-features); rebuild it with local features, or set '
+                'rerank_k to 0'
+            )
+            raise DatabaseError(msg)
+
+    def query_features(self, image: np.ndarray | None, descriptors: Descriptors) -> np.ndarray:
+        return descriptors.local_features[0]
+
+    def scores(
+        self, query: np.ndarray, candidates: np.ndarray, database: PlaceDatabase
+    ) -> np.ndarray:
+        assert database.local_features is not None
+        stored = np.asarray(database.local_features[np.asarray(candidates)], np.float32)
+        return mnn_scores(query, stored, self.min_similarity)
+
+
+RERANKERS: dict[str, type[MnnReranker]] = {'mnn': MnnReranker}
+"""Re-rankers by name (``RelocalizationConf.reranker``)."""
+
+
+def make_reranker(name: str, *, min_similarity: float = -1.0) -> Reranker:
+    """The re-ranker called ``name``.
+
+    Raises:
+        ConfigError: an unknown name (the message lists the known ones).
+    """
+    if name not in RERANKERS:
+        raise ConfigError(f'unknown re-ranker {name!r}; known: {sorted(RERANKERS)}')
+    return RERANKERS[name](min_similarity=min_similarity)

@@ -10,7 +10,7 @@ Per query frame:
 
 1. **Differences.** Euclidean distance from the query descriptor to every map place
    (unit descriptors: ``sqrt(2 - 2 cos)``), over the model's global descriptors or the
-   cheap ``patch_normalised_descriptor`` (``conf['descriptor']``).
+   cheap ``patch_normalised_descriptor`` (``conf.descriptor``).
 2. **Local contrast enhancement** (SeqSLAM): each distance becomes a z-score over the
    places within ``contrast_window`` keyframes of it in its traverse, so a place counts
    for being better than its neighbours, not for being close in absolute terms.
@@ -38,7 +38,7 @@ Per query frame:
    Trajectories never cross between traverses: each traverse is preceded by ``max_step``
    padding slots of infinite cost, so the shifted arrays of the vectorised recursion
    never reach across.
-5. **Memory** (``conf['memory']``). ``'decay'``, the recursive filter form: the recursion
+5. **Memory** (``conf.memory``). ``'decay'``, the recursive filter form: the recursion
    runs over the whole history and the past is multiplied by ``gamma = 1 - w / length``
    each frame, so the frame weights sum to ``length`` and a stop (w = 0) forgets nothing;
    O(N) per frame. ``'window'``, SeqSLAM's view: the best trajectory over the most recent
@@ -113,39 +113,91 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from statistics import NormalDist
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 
+from vpr_ros.config import Conf, option
 from vpr_ros.errors import ConfigError
 
 SEQUENCE_DESCRIPTORS = ('patch_norm', 'global')
 SEQUENCE_MEMORIES = ('decay', 'window')
 
-DEFAULT_SEQUENCE_CONF: dict = {
-    'descriptor': 'patch_norm',  # 'patch_norm' (cheap image descriptor) or 'global' (model)
-    'image_size': [64, 32],  # patch_norm: (width, height) the image is resized to, pixels
-    'patch': 8,  # patch_norm: side of the normalised square patches, pixels
-    'length': 10,  # sequence length in query frames (sum of the frame weights)
-    'memory': 'decay',  # 'decay' (recursive, O(N) per frame) or 'window' (SeqSLAM's view)
-    'max_step': 2,  # keyframes a trajectory may advance per query frame (0 = stop)
-    'stop_penalty': 4.0,  # cost of staying while the query moved a keyframe step (z units)
-    'skip_penalty': 2.0,  # cost per keyframe skipped, or advanced without moving (z units)
-    'contrast_window': 5,  # keyframes each side for local contrast enhancement (0: global)
-    'exclusion_window': 10,  # keyframes each side of a match that do not compete with it
-    'competitor_radius_m': 10.0,  # places nearer than this to a match do not compete with it
-    'confidence_scale': 2.0,  # margin (noise units) at which confidence reaches 1 - 1/e
-    # Absolute part of the confidence: the match must also beat this quantile of the best
-    # evidence unrelated images reach over the places too near it to compete (the maximum
-    # of that many standard normals, in noise units); it guards small maps, where few
-    # places compete. 0 turns it off (relative confidence only).
-    'null_quantile': 0.5,
-    'min_confidence': 0.6,  # matches below this are not accepted
-    'top_k': 5,  # matches returned per frame (best first, one per exclusion window)
-}
+
+@dataclass(frozen=True)
+class SequenceConf(Conf):
+    """Settings of the sequence matcher (see the module docstring for what each does)."""
+
+    descriptor: str = option(
+        'patch_norm',
+        "What is matched: 'patch_norm' (cheap image descriptor stored in maps by build_map; "
+        "the map's own image settings override image_size and patch) or 'global' (the "
+        "model's global descriptors)",
+        choices=SEQUENCE_DESCRIPTORS,
+    )
+    image_size: list[int] = option(
+        [64, 32], 'patch_norm: (width, height) the image is resized to', unit='px', min=1, length=2
+    )
+    patch: int = option(8, 'patch_norm: side of the normalised square patches', unit='px', min=1)
+    length: int = option(10, 'Sequence length (sum of the frame weights)', unit='frames', min=1)
+    memory: str = option(
+        'decay',
+        "'decay' (recursive, O(N) per frame) or 'window' (SeqSLAM's view)",
+        choices=SEQUENCE_MEMORIES,
+    )
+    max_step: int = option(
+        2, 'Keyframes a trajectory may advance per query frame', unit='keyframes', min=1
+    )
+    stop_penalty: float = option(
+        4.0, 'Cost of staying while the query moved a keyframe step', unit='z units', min=0.0
+    )
+    skip_penalty: float = option(
+        2.0, 'Cost per keyframe skipped, or advanced without moving', unit='z units', min=0.0
+    )
+    contrast_window: int = option(
+        5,
+        'Keyframes each side for local contrast enhancement (0: global)',
+        unit='keyframes',
+        min=0,
+    )
+    exclusion_window: int = option(
+        10, 'Keyframes each side of a match that do not compete with it', unit='keyframes', min=0
+    )
+    competitor_radius_m: float = option(
+        10.0, 'Places nearer than this to a match do not compete with it', unit='m', min=0.0
+    )
+    confidence_scale: float = option(
+        2.0,
+        'Margin at which the confidence reaches 1 - 1/e',
+        unit='noise units',
+        min=0.0,
+        min_exclusive=True,
+    )
+    null_quantile: float = option(
+        0.5,
+        'Absolute part of the confidence: a match must also beat this quantile of the best '
+        'evidence unrelated images reach over the places too near it to compete; it guards '
+        'small maps, where few places compete (0: relative confidence only)',
+        min=0.0,
+        max=0.999999,
+    )
+    min_confidence: float = option(
+        0.6, 'Matches below this confidence are not accepted', min=0.0, max=1.0
+    )
+    top_k: int = option(5, 'Matches returned per frame (best first)', min=1)
+
+    def validate(self) -> None:
+        width, height = self.image_size
+        if width % self.patch or height % self.patch:
+            msg = (
+                f'image_size must be [width, height], multiples of patch {self.patch!r}, '
+                f'got {self.image_size!r}'
+            )
+            raise ConfigError(msg)
 
 
 class SequenceMatch(NamedTuple):
@@ -220,75 +272,28 @@ def patch_normalised_descriptor(
     return descriptors / np.maximum(norms, 1e-12)
 
 
-def check_sequence_conf(conf: dict | None) -> dict:
-    """``DEFAULT_SEQUENCE_CONF`` with ``conf`` over it, validated.
-
-    Raises:
-        ConfigError: on an unknown key or a value out of range.
-    """
-    merged = {**DEFAULT_SEQUENCE_CONF, **(conf or {})}
-    unknown = set(merged) - set(DEFAULT_SEQUENCE_CONF)
-    if unknown:
-        known = sorted(DEFAULT_SEQUENCE_CONF)
-        msg = f'unknown sequence settings {sorted(unknown)!r}; known: {known!r}'
-        raise ConfigError(msg)
-    if merged['descriptor'] not in SEQUENCE_DESCRIPTORS:
-        msg = f'descriptor must be one of {SEQUENCE_DESCRIPTORS!r}, got {merged["descriptor"]!r}'
-        raise ConfigError(msg)
-    if merged['memory'] not in SEQUENCE_MEMORIES:
-        msg = f'memory must be one of {SEQUENCE_MEMORIES!r}, got {merged["memory"]!r}'
-        raise ConfigError(msg)
-    positive_ints = ('length', 'max_step', 'top_k', 'patch')
-    for key in positive_ints:
-        if isinstance(merged[key], bool) or not isinstance(merged[key], int) or merged[key] < 1:
-            raise ConfigError(f'{key} must be an integer >= 1, got {merged[key]!r}')
-    for key in ('contrast_window', 'exclusion_window'):
-        if isinstance(merged[key], bool) or not isinstance(merged[key], int) or merged[key] < 0:
-            raise ConfigError(f'{key} must be an integer >= 0, got {merged[key]!r}')
-    for key in ('stop_penalty', 'skip_penalty', 'competitor_radius_m'):
-        if not _is_real(merged[key]) or merged[key] < 0:
-            raise ConfigError(f'{key} must be a number >= 0, got {merged[key]!r}')
-    if not _is_real(merged['confidence_scale']) or merged['confidence_scale'] <= 0:
-        msg = f'confidence_scale must be a number > 0, got {merged["confidence_scale"]!r}'
-        raise ConfigError(msg)
-    if not _is_real(merged['null_quantile']) or not 0 <= merged['null_quantile'] < 1:
-        msg = f'null_quantile must be in [0, 1), got {merged["null_quantile"]!r}'
-        raise ConfigError(msg)
-    if not _is_real(merged['min_confidence']) or not 0 <= merged['min_confidence'] <= 1:
-        msg = f'min_confidence must be in [0, 1], got {merged["min_confidence"]!r}'
-        raise ConfigError(msg)
-    size = merged['image_size']
-    if (
-        not isinstance(size, (list, tuple))
-        or len(size) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)
-        or size[0] % merged['patch']
-        or size[1] % merged['patch']
-    ):
-        msg = (
-            f'image_size must be [width, height], multiples of patch {merged["patch"]!r}, '
-            f'got {size!r}'
-        )
-        raise ConfigError(msg)
-    return merged
-
-
 def sequence_image_descriptors(
-    images: Sequence[np.ndarray] | np.ndarray, conf: dict | None = None
+    images: Sequence[np.ndarray] | np.ndarray, conf: SequenceConf | Mapping[str, Any] | None = None
 ) -> np.ndarray:
     """The patch-normalised descriptors a ``'patch_norm'`` configuration matches with.
 
     Raises:
         ConfigError: if the configuration matches global (model) descriptors instead.
     """
-    conf = check_sequence_conf(conf)
-    if conf['descriptor'] != 'patch_norm':
+    conf = as_sequence_conf(conf)
+    if conf.descriptor != 'patch_norm':
         msg = (
-            f'descriptor {conf["descriptor"]!r} uses the model global descriptors; '
+            f'descriptor {conf.descriptor!r} uses the model global descriptors; '
             f"image descriptors exist only for 'patch_norm'"
         )
         raise ConfigError(msg)
-    return patch_normalised_descriptor(images, tuple(conf['image_size']), conf['patch'])
+    width, height = conf.image_size
+    return patch_normalised_descriptor(images, (width, height), conf.patch)
+
+
+def as_sequence_conf(conf: SequenceConf | Mapping[str, Any] | None) -> SequenceConf:
+    """``conf`` as validated settings (a mapping holds overrides of the defaults)."""
+    return conf if isinstance(conf, SequenceConf) else SequenceConf.from_dict(conf)
 
 
 class SequenceMatcher:
@@ -299,7 +304,7 @@ class SequenceMatcher:
             each traverse (L2-normalised; they are normalised here if they are not).
         traverse_ids: (N,) traverse of each place (default: all one traverse). Places of
             one traverse need not be contiguous, but must be in keyframe order.
-        conf: overrides of ``DEFAULT_SEQUENCE_CONF``.
+        conf: settings, or a mapping of overrides of the defaults.
         place_xyz: optional (N, 2 or 3) place positions in metres (NaN: unknown), used to
             keep other traverses' copies of the matched place from competing with it.
 
@@ -321,11 +326,11 @@ class SequenceMatcher:
         self,
         map_descriptors: np.ndarray,
         traverse_ids: np.ndarray | None = None,
-        conf: dict | None = None,
+        conf: SequenceConf | Mapping[str, Any] | None = None,
         *,
         place_xyz: np.ndarray | None = None,
     ) -> None:
-        self.conf = check_sequence_conf(conf)
+        self.conf = as_sequence_conf(conf)
         descriptors = np.asarray(map_descriptors, np.float32)
         if descriptors.ndim != 2 or len(descriptors) == 0:
             msg = f'map descriptors must be (N, D) with N >= 1, got shape {descriptors.shape!r}'
@@ -349,7 +354,7 @@ class SequenceMatcher:
 
         # Internal layout: each traverse's places contiguous, in keyframe order, preceded by
         # `pad` always-infinite slots so that shifts by <= max_step never cross traverses.
-        pad = self.conf['max_step']
+        pad = self.conf.max_step
         order = np.argsort(traverse_ids, kind='stable')
         sorted_traverse = traverse_ids[order]
         new_traverse = np.r_[True, sorted_traverse[1:] != sorted_traverse[:-1]]
@@ -364,10 +369,10 @@ class SequenceMatcher:
         first = starts[traverse_number]
         last = ends[traverse_number]
         position = np.arange(num_places)
-        window = self.conf['contrast_window']
+        window = self.conf.contrast_window
         self._contrast_lo = np.maximum(position - window, first)
         self._contrast_hi = np.minimum(position + window + 1, last)
-        exclusion = self.conf['exclusion_window']
+        exclusion = self.conf.exclusion_window
         self._exclusion_lo = np.maximum(position - exclusion, first)
         self._exclusion_hi = np.minimum(position + exclusion + 1, last)
         self._sorted_of_place = np.empty(num_places, np.int64)
@@ -443,8 +448,8 @@ class SequenceMatcher:
         differences_done = time.perf_counter()
         self._previous_query = query
         self.frames_seen += 1
-        length = self.conf['length']
-        if self.conf['memory'] == 'window':
+        length = self.conf.length
+        if self.conf.memory == 'window':
             self._window.append((costs, step, weight))
             total = sum(frame[2] for frame in self._window)
             while len(self._window) > 1 and (
@@ -480,7 +485,7 @@ class SequenceMatcher:
         similarity = self._descriptors @ query
         distance = np.sqrt(np.maximum(2.0 - 2.0 * similarity.astype(np.float64), 0.0))
         distance = distance[self._order]
-        if self.conf['contrast_window'] > 0:
+        if self.conf.contrast_window > 0:
             enhanced = _local_zscore(distance, self._contrast_lo, self._contrast_hi)
         else:
             enhanced = (distance - distance.mean()) / max(float(distance.std()), 1e-6)
@@ -500,8 +505,8 @@ class SequenceMatcher:
         pad = self._pad
         # Staying costs stop_penalty times the query's motion in steps out of the place.
         moved_out = np.minimum(np.float32(step) * self._inverse_step_out, np.float32(1.0))
-        best = state[pad:] + np.float32(self.conf['stop_penalty']) * moved_out
-        skip_penalty = np.float32(self.conf['skip_penalty'])
+        best = state[pad:] + np.float32(self.conf.stop_penalty) * moved_out
+        skip_penalty = np.float32(self.conf.skip_penalty)
         # Advancing into a place costs up to skip_penalty when the query moved less than
         # half of the step into it (it looks as if the robot stopped), in proportion to
         # the shortfall (so advancing into a near-duplicate keyframe costs ~0) ...
@@ -509,7 +514,7 @@ class SequenceMatcher:
         if 2.0 * step < self.reference_step:
             short = np.maximum(self._half_step_in - np.float32(step), np.float32(0.0))
             short *= skip_penalty / np.float32(0.5 * self.reference_step)
-        for k in range(1, self.conf['max_step'] + 1):
+        for k in range(1, self.conf.max_step + 1):
             shifted = state[pad - k : len(state) - k]
             if short is not None:
                 shifted = shifted + short
@@ -528,7 +533,7 @@ class SequenceMatcher:
         remaining = place_costs.copy()
         matches: list[SequenceMatch] = []
         noise = math.sqrt(max(self._weight_sq_sum, 1e-12))
-        for _ in range(min(self.conf['top_k'], self.num_places)):
+        for _ in range(min(self.conf.top_k, self.num_places)):
             place = int(np.argmin(remaining))
             cost = float(remaining[place])
             if not math.isfinite(cost):
@@ -543,7 +548,7 @@ class SequenceMatcher:
             if math.isinf(margin):
                 confidence = 0.0  # nothing to compare with: no evidence either way
             else:
-                confidence = 1.0 - math.exp(-max(margin, 0.0) / self.conf['confidence_scale'])
+                confidence = 1.0 - math.exp(-max(margin, 0.0) / self.conf.confidence_scale)
             score = -cost / max(self._weight_sum, 1e-12)
             matches.append(SequenceMatch(place, score, confidence))
             remaining[region] = np.inf
@@ -552,7 +557,7 @@ class SequenceMatcher:
     def _null_evidence(self, num_places: int) -> float:
         """``null_evidence`` of ``num_places`` at the configured quantile, memoised."""
         if num_places not in self._null_levels:
-            self._null_levels[num_places] = null_evidence(num_places, self.conf['null_quantile'])
+            self._null_levels[num_places] = null_evidence(num_places, self.conf.null_quantile)
         return self._null_levels[num_places]
 
     def _region(self, place: int) -> np.ndarray:
@@ -564,7 +569,7 @@ class SequenceMatcher:
         if self._place_xyz is not None and np.all(np.isfinite(self._place_xyz[place])):
             distance = np.linalg.norm(self._place_xyz - self._place_xyz[place], axis=1)
             with np.errstate(invalid='ignore'):
-                mask |= distance < self.conf['competitor_radius_m']
+                mask |= distance < self.conf.competitor_radius_m
         return mask
 
 
@@ -593,7 +598,7 @@ def match_traverse(
     query_descriptors: np.ndarray,
     map_descriptors: np.ndarray,
     traverse_ids: np.ndarray | None = None,
-    conf: dict | None = None,
+    conf: SequenceConf | Mapping[str, Any] | None = None,
     *,
     place_xyz: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -606,7 +611,7 @@ def match_traverse(
         query_descriptors: (Q, D) query descriptors in the order they were taken.
         map_descriptors: (N, D) map descriptors (see ``SequenceMatcher``).
         traverse_ids: (N,) traverse of each place (default: one traverse).
-        conf: overrides of ``DEFAULT_SEQUENCE_CONF``.
+        conf: settings, or a mapping of overrides of the defaults.
         place_xyz: optional (N, 2 or 3) place positions in metres.
 
     Returns:
@@ -657,7 +662,3 @@ def _unit_rows(descriptors: np.ndarray) -> np.ndarray:
     if np.all((np.abs(norms - 1.0) < 1e-3) | (norms == 0.0)):
         return np.ascontiguousarray(descriptors)
     return np.ascontiguousarray(descriptors / np.maximum(norms, 1e-12)[:, None])
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from vpr_ros import logger
 from vpr_ros.cli.common import parse_with_params_file, run_cli
-from vpr_ros.mapping import DEFAULT_BUILD_CONF, build_map
-from vpr_ros.models import DEFAULT_MODEL, available_models, load_model
-from vpr_ros.retrieval import INDEX_TYPES
+from vpr_ros.config import add_arguments, conf_from_args
+from vpr_ros.mapping import BuildConf
+from vpr_ros.models import DEFAULT_MODEL, available_models, check_model_source
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -64,49 +64,15 @@ def make_parser() -> argparse.ArgumentParser:
         action='store_true',
         help='add the bags to an existing map at --out (same model) instead of replacing it',
     )
-    kf = DEFAULT_BUILD_CONF['keyframes']
-    parser.add_argument(
-        '--min-distance-m',
-        type=float,
-        default=kf['min_distance_m'],
-        help='new keyframe after travelling this far (metres)',
+    add_arguments(
+        parser,
+        BuildConf,
+        flags={
+            'index.type': '--index',
+            'local_features': '--local-features',
+            'sequence_descriptors': '--sequence-descriptors',
+        },
     )
-    parser.add_argument(
-        '--min-rotation-deg',
-        type=float,
-        default=kf['min_rotation_deg'],
-        help='new keyframe after turning this much (degrees)',
-    )
-    parser.add_argument(
-        '--max-interval-s',
-        type=float,
-        default=kf['max_interval_s'],
-        help='new keyframe after this many seconds regardless of motion (default: off)',
-    )
-    parser.add_argument(
-        '--max-pose-gap-s',
-        type=float,
-        default=DEFAULT_BUILD_CONF['max_pose_gap_s'],
-        help='skip images whose bracketing poses are further apart than this (seconds)',
-    )
-    parser.add_argument(
-        '--index',
-        choices=INDEX_TYPES,
-        default='flat',
-        help='faiss index: exact inner product, or approximate HNSW / IVF-PQ for large maps',
-    )
-    parser.add_argument(
-        '--no-local-features',
-        action='store_true',
-        help='do not store local features (smaller map, no re-ranking)',
-    )
-    parser.add_argument(
-        '--no-sequence-descriptors',
-        action='store_true',
-        help='do not store patch-normalised pixels per place (about 4 KB a place; sequence '
-        'matching then needs its global-descriptor variant)',
-    )
-    parser.add_argument('--batch-size', type=int, default=DEFAULT_BUILD_CONF['batch_size'])
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
@@ -117,23 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         args = parse_with_params_file(parser, argv, 'build_map')
-        conf = {
-            'keyframes': {
-                'min_distance_m': args.min_distance_m,
-                'min_rotation_deg': args.min_rotation_deg,
-                'max_interval_s': args.max_interval_s,
-            },
-            'max_pose_gap_s': args.max_pose_gap_s,
-            'batch_size': args.batch_size,
-            'store_local_features': not args.no_local_features,
-            'sequence_descriptors': (
-                None
-                if args.no_sequence_descriptors
-                else DEFAULT_BUILD_CONF['sequence_descriptors']
-            ),
-            'index': {'type': args.index},
-        }
-        logger.info('build_map conf: %s', conf)
+        conf = conf_from_args(BuildConf, args)
+        logger.info('build_map conf: %s', conf.to_dict())
+        check_model_source(args.model)
+        from vpr_ros.mapping import build_map
+        from vpr_ros.models import load_model
+
         model = load_model(args.model)
         summary = build_map(
             model,

@@ -12,7 +12,7 @@ import yaml
 
 from vpr_ros import logger
 from vpr_ros.errors import ConfigError, VprError
-from vpr_ros.extraction import tune_malloc
+from vpr_ros.runtime import tune_malloc
 
 
 def strip_ros_args(argv: Sequence[str]) -> list[str]:

@@ -52,7 +52,8 @@ from vpr_ros.evaluation import (
     write_results,
 )
 from vpr_ros.models import CONFS, DEFAULT_MODEL, available_models, load_model
-from vpr_ros.relocalization import DEFAULT_RELOCALIZATION_CONF
+from vpr_ros.relocalization import RelocalizationConf
+from vpr_ros.sequence import SequenceConf
 
 GT_MODES = ('utm', 'vprbench:FILE', 'aligned', 'folder')
 MODES = ('single', 'sequence', 'both')
@@ -150,13 +151,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--top-k',
         type=int,
-        default=DEFAULT_RELOCALIZATION_CONF['top_k'],
+        default=RelocalizationConf().top_k,
         help='candidates retrieved per query by global descriptor (Recall@N needs N <= this)',
     )
     parser.add_argument(
         '--rerank-k',
         type=int,
-        default=DEFAULT_RELOCALIZATION_CONF['rerank_k'],
+        default=RelocalizationConf().rerank_k,
         help='of those, how many are re-ranked by local features (0: retrieval only)',
     )
     parser.add_argument(
@@ -209,12 +210,10 @@ def _parse_gt(value: str) -> tuple[str, Path | None]:
     return kind, None
 
 
-def _sequence_conf(args: argparse.Namespace) -> dict | None:
+def _sequence_conf(args: argparse.Namespace) -> SequenceConf | None:
     """The validated sequence settings, or None in single-frame mode."""
     if args.mode == 'single':
         return None
-    from vpr_ros.sequence import check_sequence_conf
-
     if args.limit is not None:
         msg = (
             f'--limit {args.limit!r} spreads the queries over the route, which breaks '
@@ -230,7 +229,7 @@ def _sequence_conf(args: argparse.Namespace) -> dict | None:
     conf = {'descriptor': args.sequence_descriptor}
     if args.sequence_length is not None:
         conf['length'] = args.sequence_length
-    return check_sequence_conf(conf)
+    return SequenceConf.from_dict(conf)
 
 
 def _check_same_frame(map_dir: Path, map_xy: np.ndarray, query_xy: np.ndarray) -> None:
@@ -326,11 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             'limit': args.limit,
             'mode': args.mode,
             'relocalization': {
-                **DEFAULT_RELOCALIZATION_CONF,
+                **RelocalizationConf().to_dict(),
                 'top_k': args.top_k,
-                'rerank_k': args.rerank_k,
+                'rerank_k': min(args.rerank_k, args.top_k),
             },
-            'sequence': sequence_conf,
+            'sequence': sequence_conf.to_dict() if sequence_conf is not None else None,
         }
         logger.info('evaluate conf: %s', conf)
 
@@ -352,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         positives = [positives[i] for i in selected]
         progress = not args.no_progress
 
-        patch_norm = sequence_conf is not None and sequence_conf['descriptor'] == 'patch_norm'
+        patch_norm = sequence_conf is not None and sequence_conf.descriptor == 'patch_norm'
         require_a_positive(positives)  # before the model and any extraction
         skipped = [n for n, p in zip(query_names, positives) if not len(p)]
         if args.mode == 'sequence' and patch_norm:
@@ -399,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_sequence(
     result: EvaluationResult,
-    conf: dict,
+    conf: SequenceConf,
     args: argparse.Namespace,
     queries: list[Path],
     reference: PlaceDatabase | list[Path],
@@ -412,7 +411,7 @@ def _run_sequence(
     scoring (``summarize``).
     """
     progress = not args.no_progress
-    if conf['descriptor'] == 'patch_norm':
+    if conf.descriptor == 'patch_norm':
         query_descriptors, latencies = sequence_descriptors(
             queries, conf, desc='query sequence descriptors', progress=progress
         )

@@ -13,38 +13,13 @@ import copy
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr_ros.models.identity import ModelIdentity
 from vpr_ros.models.preprocessing import Preprocessing
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a map must agree on with the model that queries it."""
-
-    name: str
-    config_hash: str
-    weights_hash: str
-    global_dim: int
-    local_dim: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelIdentity:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
-
-    def describe(self) -> str:
-        return (
-            f'{self.name!r} (D={self.global_dim}, local C={self.local_dim}, '
-            f'config {self.config_hash[:8]}, weights {self.weights_hash[:8]})'
-        )
 
 
 def merge_conf(default: dict, conf: dict | None) -> dict:

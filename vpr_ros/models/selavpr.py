@@ -32,13 +32,10 @@ from torch import nn
 
 from vpr_ros import logger
 from vpr_ros.errors import ConfigError, ModelError
+from vpr_ros.models import DOWNLOAD_WEIGHTS, RANDOM_WEIGHTS
 from vpr_ros.models.aggregation import DEFAULT_AGGREGATION, build_aggregator
 from vpr_ros.models.base import VprModel
 from vpr_ros.models.weights import read_state_dict
-
-# Backbone weight sources that are not file paths.
-RANDOM_WEIGHTS = 'random'
-DOWNLOAD_WEIGHTS = 'download'
 
 
 class Adapter(nn.Module):
@@ -317,31 +314,6 @@ class SelaVpr(VprModel):
         model.invalidate_identity()
         return model
 
-
-def _variant_conf(backbone: str, **extra: Any) -> dict:
-    return {'model': 'selavpr', 'backbone': backbone, **extra}
-
-
-# Registry entries (merged into models.CONFS). The DINOv2 weights are not shipped: pass
-# overrides={'backbone_weights': PATH} (or use a directory written by convert_selavpr/train).
-SELAVPR_CONFS: dict[str, dict] = {
-    'selavpr_vits14': _variant_conf('vit_small_patch14_dinov2'),
-    'selavpr_vitb14': _variant_conf('vit_base_patch14_dinov2'),
-    'selavpr_vitl14': _variant_conf('vit_large_patch14_dinov2'),
-    'selavpr_vits14_reg4': _variant_conf('vit_small_patch14_reg4_dinov2'),
-    'selavpr_vitb14_reg4': _variant_conf('vit_base_patch14_reg4_dinov2'),
-    'selavpr_vitl14_reg4': _variant_conf('vit_large_patch14_reg4_dinov2'),
-    # A tiny random-weight model (2 blocks, 64-d, 70x70 input, 17x17x16 local map) for
-    # tests and pipeline checks; it recognises nothing. Layer scale starts at 1 (not
-    # DINOv2's 1e-5) so that its random blocks, and their adapters, change the tokens.
-    'selavpr_tiny_random': _variant_conf(
-        'vit_small_patch14_dinov2',
-        backbone_kwargs={'depth': 2, 'embed_dim': 64, 'num_heads': 2, 'init_values': 1.0},
-        backbone_weights=RANDOM_WEIGHTS,
-        local_channels=[32, 16],
-        preprocessing={'size': [70, 70]},
-    ),
-}
 
 # Official SelaVPR checkpoint (github.com/Lu-Feng/SelaVPR): a DataParallel state dict.
 _OFFICIAL_PREFIX = 'module.'

@@ -13,13 +13,13 @@ import queue
 import sys
 import threading
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rclpy
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
@@ -34,14 +34,16 @@ from vpr_ros.bagio import (
     has_orientation,
     pose_sample,
 )
+from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import MANIFEST, PlaceDatabase
 from vpr_ros.errors import ImageDecodeError, VprError
-from vpr_ros.extraction import tune_malloc
 from vpr_ros.geometry import PoseTrack
 from vpr_ros.images import msg_to_rgb
-from vpr_ros.mapping import DEFAULT_BUILD_CONF, MapBuilder
+from vpr_ros.mapping import BuildConf, MapBuilder
 from vpr_ros.models import DEFAULT_MODEL, load_model
 from vpr_ros.nodes.conversions import stamp_ns
+from vpr_ros.nodes.params import declare_conf
+from vpr_ros.runtime import tune_malloc
 from vpr_ros.types import Frame
 
 POSE_MSG_CLASSES = {
@@ -53,62 +55,64 @@ POSE_MSG_CLASSES = {
 POSE_HISTORY = 2000  # pose samples kept for interpolation
 PENDING_IMAGES = 30  # images waiting for a later pose; the oldest is dropped beyond this
 
+PARAMS_HEADER = (
+    'Parameters of the map_builder node (vpr_ros/nodes/map_builder_node.py).',
+    'Start:  map_builder --ros-args --params-file config/map_builder.yaml -p map_dir:=/path',
+    "Generated from the node's settings table: python -m vpr_ros.nodes.params",
+)
+
+
+@dataclass(frozen=True)
+class MapBuilderNodeConf(Conf):
+    """The map_builder node's parameters: its own, then the map build's (same names)."""
+
+    map_dir: str = option('', 'Directory the map is saved to (required)')
+    model: str = option(DEFAULT_MODEL, 'Model registry name or exported model directory')
+    image_topic: str = option('image', 'Camera topic')
+    compressed: bool = option(False, 'The camera topic is sensor_msgs/CompressedImage')
+    pose_topic: str = option('odom', 'Pose topic')
+    pose_type: str = option(
+        'odometry', 'Message type of the pose topic', choices=tuple(POSE_MSG_CLASSES)
+    )
+    pose_qos: str = option(
+        'reliable',
+        "Pose subscription QoS: 'reliable', or 'sensor_data' for best-effort pose publishers",
+        choices=('reliable', 'sensor_data'),
+    )
+    build: BuildConf = nested(BuildConf, flatten=True, default=BuildConf(batch_size=1))
+    append: bool = option(False, 'Extend an existing map at map_dir instead of refusing it')
+    num_threads: int = option(2, 'Torch CPU threads', min=0)
+
 
 class MapBuilderNode(Node):
     """Subscribes to a camera and a pose topic and grows a map."""
 
     def __init__(self) -> None:
         super().__init__('map_builder')
-        kf = DEFAULT_BUILD_CONF['keyframes']
-        p = self._declare
-        self.map_dir = p('map_dir', '', 'directory the map is saved to (required)')
-        model_name = p('model', DEFAULT_MODEL, 'model name or exported model path')
-        image_topic = p('image_topic', 'image', 'camera topic')
-        compressed = p('compressed', False, 'camera topic is sensor_msgs/CompressedImage')
-        pose_topic = p('pose_topic', 'odom', 'pose topic')
-        self.pose_type = p('pose_type', 'odometry', f'one of {sorted(POSE_MSG_CLASSES)}')
-        self.pose_qos = p(
-            'pose_qos', 'reliable', "'reliable', or 'sensor_data' for best-effort pose publishers"
-        )
-        min_distance = p('min_distance_m', kf['min_distance_m'], 'keyframe distance (m)')
-        min_rotation = p('min_rotation_deg', kf['min_rotation_deg'], 'keyframe rotation (deg)')
-        max_interval = p('max_interval_s', 0.0, 'keyframe after this many s (0: off)')
-        self.max_gap_ns = int(
-            p('max_pose_gap_s', DEFAULT_BUILD_CONF['max_pose_gap_s'], 'pose gap (s)') * 1e9
-        )
-        append = p('append', False, 'extend an existing map at map_dir')
-        threads = p('num_threads', 2, 'torch CPU threads')
-        if not self.map_dir:
+        conf = declare_conf(self, MapBuilderNodeConf)
+        self.conf = conf
+        self.pose_type = conf.pose_type
+        self.max_gap_ns = int(conf.build.max_pose_gap_s * 1e9)
+        image_topic, append = conf.image_topic, conf.append
+        if not conf.map_dir:
             raise VprError('parameter map_dir is required (-p map_dir:=/path/to/map)')
-        self.map_dir = str(Path(self.map_dir).expanduser())
-        if self.pose_qos not in ('reliable', 'sensor_data'):
-            raise VprError(f"pose_qos {self.pose_qos!r} is not 'reliable' or 'sensor_data'")
+        self.map_dir = str(Path(conf.map_dir).expanduser())
         if not append and (Path(self.map_dir) / MANIFEST).is_file():
             msg = (
                 f'a map exists at {self.map_dir!r}; pass append:=true to extend it, or choose '
                 'another map_dir (it would be replaced on save)'
             )
             raise VprError(msg)
-        if self.pose_type not in POSE_MSG_CLASSES:
-            raise VprError(
-                f'pose_type {self.pose_type!r} is not one of {sorted(POSE_MSG_CLASSES)}'
-            )
 
-        model = load_model(model_name)
+        model = load_model(conf.model)
         database = None
         if append:
             database = PlaceDatabase.load(
                 self.map_dir, expected_model=model.identity(), mmap=False
             )
-        conf = {
-            'keyframes': {
-                'min_distance_m': min_distance,
-                'min_rotation_deg': min_rotation,
-                'max_interval_s': max_interval or None,
-            },
-            'batch_size': 1,
-        }
-        self.builder = MapBuilder(model, conf, database=database, num_threads=threads)
+        self.builder = MapBuilder(
+            model, conf.build, database=database, num_threads=conf.num_threads or None
+        )
         self.builder.start_traverse()
         self._lock = threading.Lock()  # guards the builder (worker vs. save)
         self._poses: deque = deque(maxlen=POSE_HISTORY)
@@ -119,25 +123,21 @@ class MapBuilderNode(Node):
         self._work: queue.Queue = queue.Queue(maxsize=64)
         self.counts = {'images': 0, 'dropped': 0, 'undecodable': 0, 'no_pose': 0, 'keyframes': 0}
 
-        image_type = CompressedImage if compressed else Image
+        image_type = CompressedImage if conf.compressed else Image
         self.create_subscription(
             image_type, image_topic, self.image_callback, qos_profile_sensor_data
         )
-        pose_qos = {'reliable': 100, 'sensor_data': qos_profile_sensor_data}[self.pose_qos]
+        pose_qos = {'reliable': 100, 'sensor_data': qos_profile_sensor_data}[conf.pose_qos]
         self.create_subscription(
-            POSE_MSG_CLASSES[self.pose_type], pose_topic, self.pose_callback, pose_qos
+            POSE_MSG_CLASSES[self.pose_type], conf.pose_topic, self.pose_callback, pose_qos
         )
         self.create_service(Trigger, '~/save', self.save_callback)
         self._worker = threading.Thread(target=self._run_worker, daemon=True)
         self._worker.start()
         self.get_logger().info(
-            f'building map {self.map_dir!r} from {image_topic!r} + {pose_topic!r} '
+            f'building map {self.map_dir!r} from {image_topic!r} + {conf.pose_topic!r} '
             f'({self.pose_type}) with {model.identity().describe()}'
         )
-
-    def _declare(self, name: str, default, description: str):
-        descriptor = ParameterDescriptor(description=description)
-        return self.declare_parameter(name, default, descriptor).value
 
     def pose_callback(self, msg) -> None:
         sample = pose_sample(msg, POSE_TYPES[self.pose_type], self._navsat)

@@ -29,13 +29,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -46,9 +45,9 @@ from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool, Trigger
 
+from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError, ImageDecodeError, VprError
-from vpr_ros.extraction import tune_malloc
 from vpr_ros.images import failure_reason, msg_to_rgb
 from vpr_ros.models import available_models, load_model
 from vpr_ros.models.base import VprModel
@@ -58,91 +57,94 @@ from vpr_ros.nodes.conversions import (
     pose_array,
     pose_with_covariance,
 )
-from vpr_ros.relocalization import DEFAULT_RELOCALIZATION_CONF, Relocalizer
-from vpr_ros.sequence import DEFAULT_SEQUENCE_CONF
+from vpr_ros.nodes.params import declare_conf
+from vpr_ros.relocalization import RelocalizationConf, Relocalizer
+from vpr_ros.runtime import tune_malloc
 from vpr_ros.types import SkipCounter
 
 NODE_NAME = 'relocalize'
 
 
-class ParameterSpec(NamedTuple):
-    default: Any
-    description: str
-    read_only: bool = True
+PARAMS_HEADER = (
+    'Parameters of the relocalize node (vpr_ros/nodes/relocalize_node.py).',
+    'Start:  relocalize --ros-args --params-file config/relocalize.yaml -p map_dir:=/path/to/map',
+    "Generated from the node's settings table: python -m vpr_ros.nodes.params",
+    'Parameters marked read-only are fixed at start-up; the others may be set at run time.',
+)
 
 
-PARAMETERS: dict[str, ParameterSpec] = {
-    'map_dir': ParameterSpec(
+@dataclass(frozen=True)
+class RelocalizeNodeConf(Conf):
+    """The relocalize node's parameters: its own, then the pipeline's (same names)."""
+
+    map_dir: str = option(
         '',
-        'Map directory written by build_map (required). ~/reload_map loads the current value.',
+        'Map directory written by build_map (required); ~/reload_map loads the current value '
+        'again, so a map rebuilt in place or a new map_dir is swapped in live',
         read_only=False,
-    ),
-    'model': ParameterSpec(
+    )
+    model: str = option(
         '',
         'Model registry name or exported model directory; it must be the model the map was '
-        "built with. Empty: the registry model named in the map's manifest.",
-    ),
-    'camera_topics': ParameterSpec(
-        ['image'], 'Camera topics (relative names remap); several cameras may feed one node.'
-    ),
-    'camera_transports': ParameterSpec(
+        "built with (empty: the registry model named in the map's manifest)",
+    )
+    camera_topics: list[str] = option(
+        ['image'],
+        'Camera topics (relative names, so they can be remapped); several cameras may feed '
+        'one node',
+    )
+    camera_transports: list[str] = option(
         ['raw'],
         "Per camera topic: 'raw' (sensor_msgs/Image) or 'compressed' "
-        '(sensor_msgs/CompressedImage); one value applies to every topic.',
-    ),
-    'camera_qos': ParameterSpec(
-        'sensor_data', "Camera subscription QoS: 'sensor_data' (best effort) or 'reliable'."
-    ),
-    'top_k': ParameterSpec(
-        DEFAULT_RELOCALIZATION_CONF['top_k'], 'Places retrieved by global descriptor (faiss).'
-    ),
-    'rerank_k': ParameterSpec(
-        DEFAULT_RELOCALIZATION_CONF['rerank_k'],
-        'Best retrieved places re-ranked by mutual-nearest-neighbour local matches and '
-        'published (0: no re-ranking, all top_k are published).',
-    ),
-    'min_similarity': ParameterSpec(
-        float(DEFAULT_RELOCALIZATION_CONF['min_similarity']),
-        'Local matches below this cosine similarity do not count in re-ranking.',
-    ),
-    'competitor_radius_m': ParameterSpec(
-        float(DEFAULT_RELOCALIZATION_CONF['competitor_radius_m']),
-        'Hypotheses nearer than this (m) agree with each other instead of competing.',
-    ),
-    'noise_floor': ParameterSpec(
-        float(DEFAULT_RELOCALIZATION_CONF['noise_floor']),
-        'Re-ranking score unrelated images reach; a best score near it gets low confidence.',
-    ),
-    'mode': ParameterSpec(
-        DEFAULT_RELOCALIZATION_CONF['mode'],
-        "'single': each frame on its own (retrieval + re-ranking); 'sequence': each camera's "
-        "recent frames matched along the map's keyframe order (see the sequence.* parameters; "
-        'rerank_score then holds the sequence score).',
-    ),
-    'confidence_threshold': ParameterSpec(
-        0.3, 'Publish ~/pose when the best hypothesis has at least this confidence (0..1).'
-    ),
-    'pose_covariance': ParameterSpec(
+        '(sensor_msgs/CompressedImage); one value applies to every topic',
+        choices=('raw', 'compressed'),
+    )
+    camera_qos: str = option(
+        'sensor_data',
+        "Camera subscription QoS: 'sensor_data' (best effort; matches any camera publisher) "
+        "or 'reliable' (only reliable publishers match)",
+        choices=('sensor_data', 'reliable'),
+    )
+    relocalization: RelocalizationConf = nested(RelocalizationConf, flatten=True)
+    confidence_threshold: float = option(
+        0.3,
+        'Publish ~/pose when the best hypothesis has at least this confidence',
+        min=0.0,
+        max=1.0,
+    )
+    pose_covariance: list[float] = option(
         [1.0, 1.0, 1.0, 0.1, 0.1, 0.1],
-        'Variances x, y, z (m^2), roll, pitch, yaw (rad^2) of ~/pose at confidence 1; '
-        'divided by the confidence.',
-    ),
-    'map_frame_id': ParameterSpec('map', 'Frame id of the map poses in every output.'),
-    'max_rate_hz': ParameterSpec(
-        10.0, 'Maximum frames processed per second over all cameras (0: as fast as possible).'
-    ),
-    'num_threads': ParameterSpec(0, 'Torch threads for the model (0: torch default).'),
-    'diagnostics_period_s': ParameterSpec(1.0, 'Period of the /diagnostics status.'),
-}
-PARAMETERS.update(
-    {
-        f'sequence.{key}': ParameterSpec(
-            value, f'Sequence mode: {key!r} of vpr_ros.sequence.DEFAULT_SEQUENCE_CONF.'
-        )
-        for key, value in DEFAULT_SEQUENCE_CONF.items()
-    }
-)
-"""Every parameter of the node: default, description, and whether it is fixed at start-up."""
+        'Variances x, y, z (m^2), roll, pitch, yaw (rad^2) of ~/pose at confidence 1; they '
+        'are divided by the confidence',
+        min=0.0,
+        length=6,
+    )
+    map_frame_id: str = option('map', 'Frame id of the map poses in every output')
+    max_rate_hz: float = option(
+        10.0,
+        'Maximum frames processed per second over all cameras (0: as fast as possible); the '
+        'newest frame is always the one processed',
+        unit='Hz',
+        min=0.0,
+    )
+    num_threads: int = option(0, 'Torch threads for the model (0: torch default)', min=0)
+    diagnostics_period_s: float = option(
+        1.0, 'Period of the status on /diagnostics', unit='s', min=0.05
+    )
+
+    def validate(self) -> None:
+        topics, transports = self.camera_topics, self.camera_transports
+        if not topics or any(not topic for topic in topics):
+            raise ConfigError(f'camera_topics must list at least one topic, got {topics!r}')
+        if len(set(topics)) != len(topics):
+            raise ConfigError(f'camera_topics lists a topic twice: {topics!r}')
+        if len(transports) not in (1, len(topics)):
+            msg = (
+                f'camera_transports has {len(transports)} values for {len(topics)} camera '
+                'topics; give one value, or one per topic'
+            )
+            raise ConfigError(msg)
+
 
 TRANSPORTS = {'raw': Image, 'compressed': CompressedImage}
 CAMERA_QOS = {
@@ -229,60 +231,6 @@ class _Stats:
             self.last_error = text
 
 
-def _relocalization_conf(params: dict[str, Any]) -> dict[str, Any]:
-    """The Relocalizer settings among the node's parameters."""
-    keys = ('top_k', 'rerank_k', 'min_similarity', 'competitor_radius_m', 'noise_floor', 'mode')
-    conf = {key: params[key] for key in keys}
-    conf['sequence'] = {key: params[f'sequence.{key}'] for key in DEFAULT_SEQUENCE_CONF}
-    return conf
-
-
-def validate_parameters(params: dict[str, Any]) -> None:
-    """Raise ConfigError for parameter values the node cannot run with."""
-    problems = []
-    topics = params['camera_topics']
-    if not topics or any(not topic for topic in topics):
-        problems.append(f'camera_topics must list at least one topic, got {topics!r}')
-    if len(set(topics)) != len(topics):
-        problems.append(f'camera_topics lists a topic twice: {topics!r}')
-    transports = params['camera_transports']
-    if len(transports) not in (1, len(topics)):
-        problems.append(
-            f'camera_transports has {len(transports)} values for {len(topics)} camera topics; '
-            'give one value, or one per topic'
-        )
-    if unknown := sorted(set(transports) - set(TRANSPORTS)):
-        problems.append(f'camera_transports {unknown!r} unknown; expected {sorted(TRANSPORTS)}')
-    if params['camera_qos'] not in CAMERA_QOS:
-        problems.append(
-            f'camera_qos {params["camera_qos"]!r} unknown; expected one of {sorted(CAMERA_QOS)}'
-        )
-    if params['top_k'] < 1:
-        problems.append(f'top_k must be >= 1, got {params["top_k"]}')
-    if not 0 <= params['rerank_k'] <= params['top_k']:
-        problems.append(
-            f'rerank_k must be in 0..top_k ({params["top_k"]}), got {params["rerank_k"]}; '
-            'only retrieved places can be re-ranked'
-        )
-    if not 0.0 <= params['confidence_threshold'] <= 1.0:
-        problems.append(
-            f'confidence_threshold must be in [0, 1], got {params["confidence_threshold"]}'
-        )
-    covariance = params['pose_covariance']
-    if len(covariance) != 6 or min(covariance) < 0:
-        problems.append(f'pose_covariance needs 6 non-negative variances, got {covariance!r}')
-    if params['max_rate_hz'] < 0:
-        problems.append(f'max_rate_hz must be >= 0 (0: unlimited), got {params["max_rate_hz"]}')
-    if params['num_threads'] < 0:
-        problems.append(
-            f'num_threads must be >= 0 (0: torch default), got {params["num_threads"]}'
-        )
-    if params['diagnostics_period_s'] <= 0:
-        problems.append(f'diagnostics_period_s must be > 0, got {params["diagnostics_period_s"]}')
-    if problems:
-        raise ConfigError('invalid parameters: ' + '; '.join(problems))
-
-
 def _load_model_for_map(map_dir: str, model_name: str) -> VprModel:
     """The model to query ``map_dir`` with; reads the map's manifest first, so a missing or
     broken map fails before the (slow) model load."""
@@ -310,26 +258,20 @@ class RelocalizeNode(Node):
         super().__init__(NODE_NAME, **kwargs)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None  # started last, once all else is ready
-        for name, spec in PARAMETERS.items():
-            self.declare_parameter(
-                name,
-                spec.default,
-                ParameterDescriptor(description=spec.description, read_only=spec.read_only),
-            )
-        params = {name: self.get_parameter(name).value for name in PARAMETERS}
-        validate_parameters(params)
-        self._params = params
-        self._num_threads = params['num_threads'] or None
+        conf = declare_conf(self, RelocalizeNodeConf)
+        # '~' after ':=' stays as it is.
+        conf = conf.replace(map_dir=os.path.expanduser(conf.map_dir))
+        self.conf = conf
+        self._num_threads = conf.num_threads or None
 
         start = time.perf_counter()
-        params['map_dir'] = os.path.expanduser(params['map_dir'])  # '~' after ':=' stays
-        self._model = _load_model_for_map(params['map_dir'], params['model'])
+        self._model = _load_model_for_map(conf.map_dir, conf.model)
         self._map_lock = threading.Lock()
-        self._map_dir = params['map_dir']
-        self._relocalizer = self._open_map(params['map_dir'])
+        self._map_dir = conf.map_dir
+        self._relocalizer = self._open_map(conf.map_dir)
         self._relocalizer.relocalize(np.zeros((480, 640, 3), np.uint8))  # warm-up: first frame
         self.get_logger().info(
-            f'map {params["map_dir"]!r}: {len(self._relocalizer.database)} places, model '
+            f'map {conf.map_dir!r}: {len(self._relocalizer.database)} places, model '
             f'{self._model.identity().describe()} (loaded in {time.perf_counter() - start:.1f} s)'
         )
 
@@ -338,8 +280,8 @@ class RelocalizeNode(Node):
         self._poses_pub = self.create_publisher(PoseArray, '~/hypothesis_poses', 10)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
 
-        topics = params['camera_topics']
-        transports = params['camera_transports']
+        topics = conf.camera_topics
+        transports = conf.camera_transports
         if len(transports) == 1:
             transports = transports * len(topics)
         self._topics = topics
@@ -354,7 +296,7 @@ class RelocalizeNode(Node):
                 TRANSPORTS[transport],
                 topic,
                 functools.partial(self.camera_callback, camera),
-                CAMERA_QOS[params['camera_qos']],
+                CAMERA_QOS[conf.camera_qos],
                 callback_group=camera_group,
             )
             for camera, (topic, transport) in enumerate(zip(topics, transports))
@@ -368,7 +310,7 @@ class RelocalizeNode(Node):
         )
         self._diagnostics_state = (time.monotonic(), 0)
         self.create_timer(
-            params['diagnostics_period_s'],
+            conf.diagnostics_period_s,
             self.diagnostics_callback,
             callback_group=MutuallyExclusiveCallbackGroup(),
         )
@@ -379,15 +321,12 @@ class RelocalizeNode(Node):
             f'{self.resolve_topic_name(topic)} ({transport})'
             for topic, transport in zip(topics, transports)
         )
-        self.get_logger().info(f'relocalizing frames from {cameras}, QoS {params["camera_qos"]}')
+        self.get_logger().info(f'relocalizing frames from {cameras}, QoS {conf.camera_qos}')
 
     def _open_map(self, map_dir: str) -> Relocalizer:
         database = PlaceDatabase.load(map_dir, expected_model=self._model.identity())
         return Relocalizer(
-            self._model,
-            database,
-            _relocalization_conf(self._params),
-            num_threads=self._num_threads,
+            self._model, database, self.conf.relocalization, num_threads=self._num_threads
         )
 
     # -- callbacks ----------------------------------------------------------------------
@@ -447,7 +386,7 @@ class RelocalizeNode(Node):
         latency_ms = milliseconds.pop('latency', np.zeros(1))
         values = {
             'enabled': self._enabled,
-            'mode': self._params['mode'],
+            'mode': self.conf.relocalization.mode,
             'processing_rate_hz': (processed - processed_then) / max(now - then, 1e-9),
             'latency_median_ms': float(np.median(latency_ms)),
             'latency_p95_ms': float(np.percentile(latency_ms, 95)),
@@ -482,7 +421,7 @@ class RelocalizeNode(Node):
     # -- worker -------------------------------------------------------------------------
 
     def _work(self) -> None:
-        max_rate = self._params['max_rate_hz']
+        max_rate = self.conf.max_rate_hz
         min_interval = 1.0 / max_rate if max_rate > 0 else 0.0
         last_start = -float('inf')
         while not self._stop.is_set():
@@ -522,18 +461,16 @@ class RelocalizeNode(Node):
         result = relocalizer.relocalize(rgb, stream=self._topics[pending.camera])
         relocalized = time.monotonic()
         hypotheses = result.hypotheses
-        header = Header(stamp=msg.header.stamp, frame_id=self._params['map_frame_id'])
+        header = Header(stamp=msg.header.stamp, frame_id=self.conf.map_frame_id)
         self._hypotheses_pub.publish(hypotheses_to_cloud(hypotheses, header))
         published = time.monotonic()
         best = result.best
         if (
             best is not None
             and best.pose is not None
-            and best.confidence >= self._params['confidence_threshold']
+            and best.confidence >= self.conf.confidence_threshold
         ):
-            self._pose_pub.publish(
-                pose_with_covariance(best, header, self._params['pose_covariance'])
-            )
+            self._pose_pub.publish(pose_with_covariance(best, header, self.conf.pose_covariance))
         self._poses_pub.publish(pose_array(hypotheses, header))
         times = {
             'wait': started - pending.received,

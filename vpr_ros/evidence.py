@@ -1,0 +1,259 @@
+"""Place evidence: what turns one frame's scores into ranked, confident hypotheses.
+
+The relocalization pipeline (``vpr_ros.relocalization``) describes a frame, retrieves and
+re-ranks candidates, and hands what it found to the *evidence* of its mode as an
+``Observation``. The evidence keeps whatever history it needs (per camera stream) and
+answers with hypotheses, best first, each with a confidence in [0, 1]. This is the seam
+where single-frame confidence, sequence matching and filters over places plug in:
+
+* ``single``: each frame on its own; the confidence is the margin of a candidate's score
+  over its best competitor (``confidences``);
+* ``sequence``: each stream's recent frames matched along the map's keyframe order
+  (``vpr_ros.sequence.SequenceMatcher``).
+
+An evidence class says in ``needs`` what the pipeline must compute per frame, so that a
+mode that does not use, say, re-ranking does not pay for it. ``EVIDENCE`` maps mode names
+to factories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from vpr_ros.errors import ConfigError
+from vpr_ros.types import Hypothesis, Pose
+
+if TYPE_CHECKING:
+    from vpr_ros.database import PlaceDatabase
+    from vpr_ros.relocalization import RelocalizationConf
+    from vpr_ros.sequence import SequenceConf, SequenceMatcher
+
+# What a frame can give the evidence; the pipeline computes only what ``needs`` lists.
+RETRIEVAL = 'retrieval'  # candidates and their global similarities (faiss)
+RERANK = 'rerank'  # re-ranking scores of the best rerank_k candidates
+GLOBAL = 'global'  # the query's global descriptor
+SEQUENCE = 'sequence'  # the query's patch-normalised sequence descriptor
+
+
+@dataclass
+class Observation:
+    """What one frame gave, for the evidence of the pipeline's mode.
+
+    Attributes:
+        stream: the camera stream the frame came from (each has its own history).
+        candidates: (K,) map place indices from retrieval, best first (may be empty).
+        global_scores: (K,) their global similarities.
+        rerank_scores: (R,) re-ranking scores of ``candidates[:R]``, or None.
+        global_descriptor: (D,) the query's global descriptor, or None.
+        sequence_descriptor: (S,) the query's patch-normalised descriptor, or None.
+    """
+
+    stream: Hashable
+    candidates: np.ndarray
+    global_scores: np.ndarray
+    rerank_scores: np.ndarray | None = None
+    global_descriptor: np.ndarray | None = None
+    sequence_descriptor: np.ndarray | None = None
+
+
+class PlaceEvidence(Protocol):
+    """Turns observations into hypotheses, best first, with confidences in [0, 1]."""
+
+    needs: frozenset[str]
+
+    def update(self, observation: Observation) -> list[Hypothesis]:
+        """Take one frame's observation; the hypotheses after it."""
+
+    def reset(self) -> None:
+        """Forget every stream's history (after a pause or a jump)."""
+
+
+def make_hypotheses(
+    database: PlaceDatabase,
+    indices: Sequence[int] | np.ndarray,
+    global_scores: Sequence[float] | np.ndarray,
+    rerank_scores: Sequence[float] | np.ndarray | None,
+    confidence: Sequence[float] | np.ndarray,
+) -> list[Hypothesis]:
+    """Hypotheses for map places ``indices``, in the given order (the one constructor).
+
+    ``rerank_scores`` None gives NaN re-ranking scores; poses come from the map (None where a
+    place has no pose).
+    """
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    place_ids = database.places['place_id'][indices]
+    poses = database.poses[indices]
+    rerank = np.full(len(indices), np.nan) if rerank_scores is None else np.asarray(rerank_scores)
+    return [
+        Hypothesis(
+            place_index=int(indices[i]),
+            place_id=int(place_ids[i]),
+            global_score=float(global_scores[i]),
+            rerank_score=float(rerank[i]),
+            confidence=float(confidence[i]),
+            pose=Pose.from_row(poses[i]),
+        )
+        for i in range(len(indices))
+    ]
+
+
+def confidences(
+    scores: np.ndarray,
+    positions: np.ndarray | None = None,
+    *,
+    competitor_radius_m: float = 10.0,
+    noise_floor: float = 0.05,
+) -> np.ndarray:
+    """Confidence in [0, 1] for each scored candidate of one frame.
+
+    A place is trusted when it beats its best competitor clearly. The competitor of the
+    candidate i is the best other candidate more than ``competitor_radius_m`` away
+    (neighbouring keyframes of the same place are not competitors); without positions,
+    every other candidate competes. ``noise_floor`` is the score unrelated images reach
+    anyway, so a weak best candidate with no competitor is not trusted either.
+    confidence_i = clip((s_i - max(s_competitor, noise_floor)) / s_i, 0, 1).
+    """
+    scores = np.asarray(scores, np.float64)
+    out = np.zeros(len(scores), np.float32)
+    for i, score in enumerate(scores):
+        others = np.ones(len(scores), bool)
+        others[i] = False
+        if positions is not None:
+            # A place with an unknown position may be anywhere: it competes.
+            dist = np.linalg.norm(positions - positions[i], axis=1)
+            others &= ~(dist <= competitor_radius_m)
+        competitor = max(scores[others].max(initial=0.0), noise_floor)
+        out[i] = np.clip((score - competitor) / score, 0.0, 1.0) if score > 0 else 0.0
+    return out
+
+
+class SingleFrameEvidence:
+    """Each frame on its own: re-ranked candidates first (ties broken by the global
+    similarity), then confidences from the margin over competitors (``confidences``).
+    Without re-ranking the global similarity is the score."""
+
+    def __init__(self, database: PlaceDatabase, conf: RelocalizationConf) -> None:
+        self.database = database
+        self.competitor_radius_m = conf.competitor_radius_m
+        self.noise_floor = conf.noise_floor
+        self.needs = frozenset({RETRIEVAL, RERANK} if conf.rerank_k > 0 else {RETRIEVAL})
+        self._positions = database.poses[:, :3]
+
+    def update(self, observation: Observation) -> list[Hypothesis]:
+        ids, global_scores = observation.candidates, observation.global_scores
+        rerank_scores = observation.rerank_scores
+        if rerank_scores is not None:
+            head = len(rerank_scores)
+            ids, global_scores = ids[:head], global_scores[:head]
+            scores = np.asarray(rerank_scores, np.float64)
+        else:
+            scores = np.clip(global_scores, 0, None)
+        conf = confidences(
+            scores,
+            self._positions[ids],
+            competitor_radius_m=self.competitor_radius_m,
+            noise_floor=self.noise_floor,
+        )
+        if rerank_scores is not None:
+            # Ties in the re-ranking score fall back to the global similarity.
+            order = np.lexsort((-np.asarray(global_scores), -scores))
+        else:
+            order = np.arange(len(ids))
+        return make_hypotheses(
+            self.database,
+            ids[order],
+            global_scores[order],
+            None if rerank_scores is None else scores[order],
+            conf[order],
+        )
+
+    def reset(self) -> None:
+        """Nothing to forget: every frame stands alone."""
+
+
+class SequenceEvidence:
+    """Each camera stream's recent frames matched along the map's keyframe order.
+
+    ``rerank_score`` holds the trajectory's sequence score (mean enhanced similarity,
+    higher is better), ``confidence`` the sequence confidence (0 for all but the best).
+
+    Raises:
+        ConfigError: patch-normalised matching on a map that stores no sequence descriptors.
+    """
+
+    def __init__(self, database: PlaceDatabase, conf: RelocalizationConf) -> None:
+        self.database = database
+        self.conf, self._map_descriptors = sequence_setup(database, conf.sequence)
+        descriptor = GLOBAL if self.conf.descriptor == 'global' else SEQUENCE
+        # The global descriptor also gives each hypothesis its global similarity.
+        self.needs = frozenset({descriptor, GLOBAL})
+        self._matchers: dict[Hashable, SequenceMatcher] = {}
+
+    def update(self, observation: Observation) -> list[Hypothesis]:
+        query = (
+            observation.global_descriptor
+            if self.conf.descriptor == 'global'
+            else observation.sequence_descriptor
+        )
+        assert query is not None, 'the pipeline computes what needs lists'
+        matches = self._matcher(observation.stream).update(query)
+        indices = np.array([m.place_index for m in matches], np.int64)
+        query_global = observation.global_descriptor
+        if query_global is not None and len(indices):
+            global_scores = self.database.global_descriptors[indices] @ query_global
+        else:
+            global_scores = np.full(len(indices), np.nan)
+        return make_hypotheses(
+            self.database,
+            indices,
+            global_scores,
+            [m.score for m in matches],
+            [m.confidence for m in matches],
+        )
+
+    def reset(self) -> None:
+        self._matchers.clear()
+
+    def _matcher(self, stream: Hashable) -> SequenceMatcher:
+        from vpr_ros.sequence import SequenceMatcher
+
+        if stream not in self._matchers:
+            self._matchers[stream] = SequenceMatcher(
+                self._map_descriptors,
+                self.database.places['traverse'],
+                self.conf,
+                place_xyz=self.database.poses[:, :3],
+            )
+        return self._matchers[stream]
+
+
+def sequence_setup(database: PlaceDatabase, conf: SequenceConf) -> tuple[SequenceConf, np.ndarray]:
+    """Sequence settings and the map descriptors they match against.
+
+    Patch-normalised descriptors must have been stored in the map; the map decides how its
+    images were described, so its image settings override ``conf``'s.
+
+    Raises:
+        ConfigError: ``patch_norm`` on a map without sequence descriptors.
+    """
+    if conf.descriptor == 'global':
+        return conf, database.global_descriptors
+    if database.sequence_descriptors is None or database.sequence_conf is None:
+        msg = (
+            'sequence matching on patch-normalised pixels needs a map built with sequence '
+            "descriptors (build_map stores them by default); or set descriptor: 'global'"
+        )
+        raise ConfigError(msg)
+    conf = conf.replace(**database.sequence_conf)
+    return conf, np.asarray(database.sequence_descriptors, np.float32)
+
+
+EVIDENCE: dict[str, Callable[[PlaceDatabase, RelocalizationConf], PlaceEvidence]] = {
+    'single': SingleFrameEvidence,
+    'sequence': SequenceEvidence,
+}
+"""Evidence by mode name (``RelocalizationConf.mode``)."""
