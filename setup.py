@@ -8,6 +8,7 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=find_packages(exclude=['test', 'test.*']),
+    package_data={'vpr_ros': ['py.typed']},
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
@@ -35,7 +36,7 @@ setup(
         'matplotlib',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-timeout', 'ruff'],
+        'test': ['pytest', 'pytest-timeout', 'ruff', 'mypy'],
         # Real photos for the demo's generated route (skimage ships them in its wheel).
         'demo': ['scikit-image'],
     },

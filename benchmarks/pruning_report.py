@@ -49,13 +49,9 @@ from tqdm import tqdm
 from vpr_ros import logger
 from vpr_ros.cli.common import run_cli
 from vpr_ros.errors import ConfigError
-from vpr_ros.evaluation import (
-    list_images,
-    load_image,
-    positives_frame_aligned,
-    recall_at_n,
-    relative_names,
-)
+from vpr_ros.ground_truth import positives_frame_aligned
+from vpr_ros.imagefolders import list_images, load_image, relative_names
+from vpr_ros.metrics import recall_at_n
 from vpr_ros.models import available_models, load_model, save_model
 from vpr_ros.models.base import VprModel
 from vpr_ros.models.preprocessing import Preprocessing

@@ -46,7 +46,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from vpr_ros.evaluation import plot_pr_curve, precision_recall_curve, recall_at_100_precision
+from vpr_ros.metrics import precision_recall_curve, recall_at_100_precision
+from vpr_ros.results import plot_pr_curve
 from vpr_ros.sequence import (
     SequenceConf,
     SequenceMatcher,

@@ -19,28 +19,28 @@ from vpr_ros.evaluation import (
     RERANKED,
     RETRIEVAL,
     SEQUENCE,
-    VPRBENCH_CONVERSION,
     build_reference_database,
     evaluate,
     evaluate_sequence,
     evenly_spaced,
-    first_hit_ranks,
-    list_images,
-    load_image,
-    natural_key,
-    parse_utm,
-    plot_pr_curve,
+    sequence_descriptors,
+)
+from vpr_ros.ground_truth import (
+    VPRBENCH_CONVERSION,
     positives_frame_aligned,
     positives_from_utm,
     positives_from_vprbench,
     positives_same_folder,
     positives_within_radius,
+)
+from vpr_ros.imagefolders import list_images, load_image, natural_key, parse_utm
+from vpr_ros.metrics import (
+    first_hit_ranks,
     precision_recall_curve,
     recall_at_100_precision,
     recall_at_n,
-    sequence_descriptors,
-    summarize,
 )
+from vpr_ros.results import plot_pr_curve, summarize
 
 PLACES = 6
 SPACING_M = 100.0  # places far apart: exactly one positive within 25 m

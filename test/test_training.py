@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from conftest import synthetic_place, viewed_again
 from safetensors.torch import load_file
 
-from vpr_ros import evaluation, training
+from vpr_ros import imagefolders, training
 from vpr_ros.cli.train import main as train_main
 from vpr_ros.errors import ConfigError
-from vpr_ros.evaluation import parse_utm, recall_at_n
+from vpr_ros.imagefolders import parse_utm
+from vpr_ros.metrics import recall_at_n
 from vpr_ros.models import load_model
 from vpr_ros.rerank import mutual_nn_matches
 from vpr_ros.training import (
@@ -132,9 +133,9 @@ def test_vpr_file_names_give_utm_positions_and_positives(dataset: Path) -> None:
     ['@abc@500000@4000000@.jpg', '@500000@nan@17@.jpg', '@500000@4000000.jpg', 'x@1@.png'],
 )
 def test_training_and_evaluation_refuse_the_same_bad_utm_names(name: str) -> None:
-    assert training.parse_utm is evaluation.parse_utm  # one reader, one behaviour
+    assert training.parse_utm is imagefolders.parse_utm  # one reader, one behaviour
     with pytest.raises(ConfigError, match='UTM'):
-        evaluation.parse_utm(name)
+        imagefolders.parse_utm(name)
 
 
 def test_training_lists_every_image_type_in_frame_number_order(tmp_path: Path) -> None:

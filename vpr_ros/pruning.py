@@ -410,7 +410,7 @@ class BatchNormCalibrator:
         cls, folder: str | Path, limit: int = 512, **kwargs: int
     ) -> BatchNormCalibrator:
         """Up to ``limit`` images under ``folder`` (recursively, evenly spaced)."""
-        from vpr_ros.evaluation import list_images, load_image
+        from vpr_ros.imagefolders import list_images, load_image
 
         paths = list_images(folder)
         picks = np.unique(np.linspace(0, len(paths) - 1, min(limit, len(paths))).astype(int))
@@ -545,7 +545,7 @@ class Finetuner:
     conf: FinetuneConf = field(default_factory=FinetuneConf)
 
     def __post_init__(self) -> None:
-        from vpr_ros.evaluation import list_images, parse_utm
+        from vpr_ros.imagefolders import list_images, parse_utm
 
         self.paths = list_images(self.folder)
         self.rng = np.random.default_rng(self.conf.seed)
@@ -596,7 +596,7 @@ class Finetuner:
     def _image(self, index: int, size: tuple[int, int]) -> np.ndarray:
         key = (index, size)
         if key not in self._cache:
-            from vpr_ros.evaluation import load_image
+            from vpr_ros.imagefolders import load_image
 
             image = load_image(self.paths[index])
             self._cache[key] = Preprocessing(size=size).resize(image)

@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from vpr_ros import logger
 from vpr_ros.errors import ConfigError, ModelError
-from vpr_ros.evaluation import list_images, parse_utm, recall_at_n
+from vpr_ros.imagefolders import list_images, parse_utm
+from vpr_ros.metrics import recall_at_n
 from vpr_ros.models import save_model
 from vpr_ros.models.base import VprModel, conf_hash
 from vpr_ros.rerank import mnn_scores, mutual_nn_mask

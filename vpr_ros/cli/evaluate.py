@@ -31,28 +31,21 @@ from vpr_ros import logger
 from vpr_ros.cli.common import parse_with_params_file, run_cli
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError
-from vpr_ros.evaluation import (
+from vpr_ros.evaluation import evaluate, evaluate_sequence, evenly_spaced, sequence_descriptors
+from vpr_ros.ground_truth import (
     DEFAULT_RADIUS_M,
     DEFAULT_TOLERANCE,
-    EvaluationResult,
-    MethodResult,
-    evaluate,
-    evaluate_sequence,
-    evenly_spaced,
-    list_images,
-    parse_utm,
     positives_frame_aligned,
     positives_from_utm,
     positives_from_vprbench,
     positives_same_folder,
     positives_within_radius,
-    relative_names,
     require_a_positive,
-    sequence_descriptors,
-    write_results,
 )
+from vpr_ros.imagefolders import list_images, parse_utm, relative_names
 from vpr_ros.models import CONFS, DEFAULT_MODEL, available_models, load_model
 from vpr_ros.relocalization import RelocalizationConf
+from vpr_ros.results import EvaluationResult, MethodResult, write_results
 from vpr_ros.sequence import SequenceConf
 
 GT_MODES = ('utm', 'vprbench:FILE', 'aligned', 'folder')

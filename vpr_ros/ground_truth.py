@@ -1,0 +1,273 @@
+"""Ground truth: which reference places are positives of each query.
+
+Ground truth is a list with, for each query, the array of positive reference indices. It
+comes from one of:
+
+* ``positives_from_utm``: ``@east@north@`` in the file names (the gmberton/VPR-methods
+  convention), positives within ``radius_m`` (25 m as in the common benchmarks);
+  ``positives_within_radius`` does the same from coordinates (e.g. map poses);
+* ``positives_from_vprbench``: VPR-Bench style ground truth, read without pickle;
+* ``positives_frame_aligned``: frame-aligned traverses (same name = same place, +-k frames);
+* ``positives_same_folder``: same leading folder(s) = same place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path, PurePath
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from vpr_ros.errors import ConfigError
+from vpr_ros.imagefolders import natural_key, parse_utm
+
+DEFAULT_RADIUS_M = 25.0
+DEFAULT_TOLERANCE = 2
+
+# Turns a VPR-Bench ``ground_truth_new.npy`` (an object array of [query_index, [db indices]],
+# which needs pickle) into the pickle-free .npz that ``positives_from_vprbench`` reads. It
+# unpickles the input, so run it only on a file from a source you trust.
+VPRBENCH_CONVERSION = (
+    "python -c \"import numpy as np; g = np.load('ground_truth_new.npy', allow_pickle=True); "
+    'p = [(int(r[0]), int(d)) for r in g for d in np.atleast_1d(r[1])]; '
+    "np.savez('ground_truth.npz', query_index=np.array([q for q, _ in p], int), "
+    'db_index=np.array([d for _, d in p], int), num_queries=len(g))"'
+)
+
+
+def positives_within_radius(
+    db_xy: np.ndarray, query_xy: np.ndarray, radius_m: float = DEFAULT_RADIUS_M
+) -> list[np.ndarray]:
+    """For each query, the sorted indices of reference positions within ``radius_m``.
+
+    Args:
+        db_xy: (N, 2) reference positions (metres, e.g. east/north).
+        query_xy: (Q, 2) query positions in the same frame.
+        radius_m: positive radius in metres (inclusive).
+    """
+    db_xy = np.asarray(db_xy, np.float64).reshape(-1, 2)
+    query_xy = np.asarray(query_xy, np.float64).reshape(-1, 2)
+    if radius_m < 0:
+        raise ValueError(f'radius_m must be >= 0, got {radius_m!r}')
+    if not np.isfinite(db_xy).all():
+        raise ConfigError('reference positions contain NaN/inf; every place needs a position')
+    if len(db_xy) == 0:
+        return [np.zeros(0, np.int64) for _ in range(len(query_xy))]
+    tree = cKDTree(db_xy)
+    neighbours = tree.query_ball_point(query_xy, r=radius_m) if len(query_xy) else []
+    return [np.array(sorted(n), np.int64) for n in neighbours]
+
+
+def positives_from_utm(
+    db_paths: Sequence[str | os.PathLike],
+    query_paths: Sequence[str | os.PathLike],
+    radius_m: float = DEFAULT_RADIUS_M,
+) -> list[np.ndarray]:
+    """Positives from ``@east@north@`` file names: reference images within ``radius_m``."""
+    db_xy = np.array([parse_utm(p) for p in db_paths], np.float64).reshape(-1, 2)
+    query_xy = np.array([parse_utm(p) for p in query_paths], np.float64).reshape(-1, 2)
+    return positives_within_radius(db_xy, query_xy, radius_m)
+
+
+def positives_from_vprbench(
+    path: str | os.PathLike, *, num_queries: int | None = None, num_db: int | None = None
+) -> list[np.ndarray]:
+    """Positives from a VPR-Bench style ground-truth file, read with ``allow_pickle=False``.
+
+    Query i is the i-th query image in ``list_images`` order; reference j the j-th reference image
+    (or map place). Accepted files:
+
+    * ``.npy`` bool (Q, N): ``gt[i, j]`` is True when reference j is a positive of query i
+      (an integer 0/1 matrix works too when N != 2);
+    * ``.npy`` integer (Q, 2): inclusive index ranges ``[first, last]`` per query
+      (``first > last`` or negative = no positive);
+    * ``.npz`` with ``positives`` (a bool matrix as above) or ``ranges`` (as above), or the
+      pairs ``query_index`` (M,) + ``db_index`` (M,) with an optional ``num_queries``.
+
+    VPR-Bench's own ``ground_truth_new.npy`` is an object array of
+    ``[query_index, [db indices]]`` that only pickle can read; convert it once with
+    ``VPRBENCH_CONVERSION`` (printed in the error).
+
+    Args:
+        path: the file.
+        num_queries: if given, the number of queries the file must describe.
+        num_db: if given, every index must be below it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ConfigError: the file is an object array, or its layout or indices are invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'ground-truth file {str(path)!r} does not exist')
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if 'allow_pickle' in str(err) or 'Object arrays' in str(err):
+            msg = (
+                f'ground truth {str(path)!r} is a pickled object array (VPR-Bench '
+                f'ground_truth_new.npy), which is not loaded for safety; convert it once, '
+                f'from a trusted source, with: {VPRBENCH_CONVERSION} and pass the .npz'
+            )
+            raise ConfigError(msg) from None
+        raise ConfigError(f'cannot read ground truth {str(path)!r}: {err}') from err
+    except OSError as err:
+        raise ConfigError(f'cannot read ground truth {str(path)!r}: {err}') from err
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            positives = _positives_from_npz(path, {k: data[k] for k in data.files})
+    else:
+        positives = _positives_from_array(path, data)
+    if num_queries is not None and len(positives) != num_queries:
+        msg = (
+            f'ground truth {str(path)!r} describes {len(positives)} queries, but there are '
+            f'{num_queries} query images; check the query folder or glob'
+        )
+        raise ConfigError(msg)
+    if num_db is not None:
+        top = max((int(p.max()) for p in positives if len(p)), default=-1)
+        if top >= num_db:
+            msg = (
+                f'ground truth {str(path)!r} names reference index {top}, but there are only '
+                f'{num_db} reference images/places; check the reference folder or map'
+            )
+            raise ConfigError(msg)
+    return positives
+
+
+def _positives_from_array(path: Path, data: np.ndarray) -> list[np.ndarray]:
+    if data.ndim != 2:
+        msg = f'ground truth {str(path)!r} has shape {data.shape!r}; expected (Q, N) or (Q, 2)'
+        raise ConfigError(msg)
+    if data.dtype == bool:
+        return [np.flatnonzero(row).astype(np.int64) for row in data]
+    if not np.issubdtype(data.dtype, np.integer):
+        msg = f'ground truth {str(path)!r} has dtype {data.dtype}; expected bool or integers'
+        raise ConfigError(msg)
+    if data.shape[1] == 2:
+        return _positives_from_ranges(data)
+    if data.size and not np.isin(data, (0, 1)).all():
+        msg = (
+            f'ground truth {str(path)!r}: an integer (Q, N) matrix must hold only 0/1; '
+            f'for index lists use the .npz pairs format'
+        )
+        raise ConfigError(msg)
+    return [np.flatnonzero(row).astype(np.int64) for row in data]
+
+
+def _positives_from_ranges(ranges: np.ndarray) -> list[np.ndarray]:
+    out = []
+    for first, last in np.asarray(ranges, np.int64):
+        if first < 0 or last < first:
+            out.append(np.zeros(0, np.int64))
+        else:
+            out.append(np.arange(first, last + 1, dtype=np.int64))
+    return out
+
+
+def _positives_from_npz(path: Path, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    if 'positives' in arrays:
+        matrix = arrays['positives']
+        if matrix.ndim != 2:
+            raise ConfigError(f'{str(path)!r}: positives must be a (Q, N) matrix')
+        return [np.flatnonzero(row).astype(np.int64) for row in matrix]
+    if 'ranges' in arrays:
+        ranges = arrays['ranges']
+        if ranges.ndim != 2 or ranges.shape[1] != 2:
+            raise ConfigError(f'{str(path)!r}: ranges must have shape (Q, 2)')
+        return _positives_from_ranges(ranges)
+    if 'query_index' in arrays and 'db_index' in arrays:
+        queries = np.asarray(arrays['query_index'], np.int64).reshape(-1)
+        refs = np.asarray(arrays['db_index'], np.int64).reshape(-1)
+        if len(queries) != len(refs) or (queries < 0).any() or (refs < 0).any():
+            msg = f'{str(path)!r}: query_index and db_index must be equal-length, >= 0'
+            raise ConfigError(msg)
+        count = int(arrays['num_queries']) if 'num_queries' in arrays else 0
+        count = max(count, int(queries.max()) + 1 if len(queries) else 0)
+        out: list[list[int]] = [[] for _ in range(count)]
+        for q, d in zip(queries.tolist(), refs.tolist()):
+            out[q].append(d)
+        return [np.unique(np.array(p, np.int64)) for p in out]
+    msg = (
+        f'{str(path)!r} holds {sorted(arrays)!r}; expected positives (Q, N), ranges (Q, 2) '
+        f'or query_index + db_index'
+    )
+    raise ConfigError(msg)
+
+
+def positives_frame_aligned(
+    db_names: Sequence[str], query_names: Sequence[str], tolerance: int = DEFAULT_TOLERANCE
+) -> list[np.ndarray]:
+    """Positives for frame-aligned traverses: the reference with the query's name +- k frames.
+
+    Reference frames are ordered by name, naturally (``natural_key``: ``2`` before ``10``);
+    the positives of a query are the references within ``tolerance`` positions of the one
+    with the same name. A query whose name has no reference gets no positive.
+
+    Args:
+        db_names: reference names (e.g. file names relative to the reference folder).
+        query_names: query names, compared with ``db_names`` exactly.
+        tolerance: k, in frames.
+
+    Returns:
+        For each query, indices into ``db_names``, sorted.
+    """
+    if tolerance < 0:
+        raise ValueError(f'tolerance must be >= 0 frames, got {tolerance!r}')
+    order = sorted(range(len(db_names)), key=lambda i: natural_key(db_names[i]))
+    rank = {db_names[i]: r for r, i in enumerate(order)}
+    if len(rank) != len(db_names):
+        raise ConfigError('reference names repeat; frame-aligned ground truth needs unique names')
+    order = np.array(order, np.int64)
+    out = []
+    for name in query_names:
+        r = rank.get(name)
+        if r is None:
+            out.append(np.zeros(0, np.int64))
+        else:
+            out.append(np.sort(order[max(0, r - tolerance) : r + tolerance + 1]))
+    return out
+
+
+def positives_same_folder(
+    db_names: Sequence[str], query_names: Sequence[str], depth: int = 1
+) -> list[np.ndarray]:
+    """Positives by folder: same first ``depth`` path components = same place.
+
+    Names are paths relative to their folders, e.g. ``p3/i0/a.jpg`` (reference) and
+    ``p3/i1/b.jpg`` (query) share the place ``p3`` with ``depth=1``.
+    """
+    if depth < 1:
+        raise ValueError(f'depth must be >= 1, got {depth!r}')
+
+    def key(name: str) -> tuple[str, ...]:
+        parts = PurePath(name).parts
+        if len(parts) <= depth:
+            msg = (
+                f'{name!r} has no folder at depth {depth}; lay images out as '
+                f'<place>/.../<image> below the given folder, or lower --folder-depth'
+            )
+            raise ConfigError(msg)
+        return parts[:depth]
+
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, name in enumerate(db_names):
+        groups.setdefault(key(name), []).append(i)
+    return [np.array(groups.get(key(name), []), np.int64) for name in query_names]
+
+
+def require_a_positive(positives: Sequence[Sequence[int] | np.ndarray]) -> None:
+    """Fail early, before any extraction, when no query has a positive to score against.
+
+    Raises:
+        ConfigError: every query's positives are empty (or there are no queries).
+    """
+    if not any(len(p) for p in positives):
+        msg = (
+            f'none of {len(positives)} queries has a positive in the reference; check '
+            f'--gt/--radius-m/--tolerance and that the queries and the reference show the '
+            f'same area'
+        )
+        raise ConfigError(msg)
