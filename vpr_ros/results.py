@@ -64,6 +64,7 @@ def plot_pr_curve(
     return path
 
 
+@dataclass
 class MethodResult:
     """Scores of one matching method (e.g. retrieval only, or re-ranked) on the queries.
 
