@@ -237,7 +237,7 @@ class Conf:
             name = prefix + field.name
             if field.metadata.get('nested'):
                 sub_prefix = prefix if field.metadata.get('flatten') else name + '.'
-                defaults = field.default_factory().flat(sub_prefix)  # type: ignore[misc]
+                defaults = _field_default(field).flat(sub_prefix)
                 out.extend(
                     spec._replace(default=defaults[spec.name])
                     for spec in hints[field.name].specs(sub_prefix)
@@ -286,12 +286,15 @@ def _kind(annotation: Any, name: str) -> str:
     raise TypeError(f'setting {name!r}: unsupported type {annotation!r}')
 
 
+def _field_default(field: dataclasses.Field[Any]) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
 def _spec(field: dataclasses.Field[Any], annotation: Any, name: str) -> OptionSpec:
     meta = field.metadata
-    if field.default_factory is not dataclasses.MISSING:
-        default = field.default_factory()
-    else:
-        default = field.default
+    default = _field_default(field)
     return OptionSpec(
         name=name,
         kind=_kind(annotation, name),
@@ -342,7 +345,7 @@ def _check_scalar(spec: OptionSpec, kind: str, value: Any) -> Any:
             wanted = 'an integer' if kind == 'int' else 'a number'
             raise ConfigError(f'{spec.name} must be {wanted}, got {value!r}')
         if kind == 'float':
-            value = float(value)
+            value = float(typing.cast(float, value))
             if not math.isfinite(value):
                 raise ConfigError(f'{spec.name} must be a finite number, got {value!r}')
         low_ok = spec.min is None or (

@@ -287,9 +287,11 @@ class PlaceDatabase:
                     f'{self.local_grid!r} grid'
                 )
                 raise DatabaseError(msg)
+            assert local is not None  # checked above: the map has local features
             local = _concatenate(local, np.asarray(local_features, np.float16), 'local features')
         sequence = self.sequence_descriptors
         if sequence_descriptors is not None:
+            assert sequence is not None  # checked above: the map has them
             sequence = _concatenate(
                 sequence, np.asarray(sequence_descriptors, np.float16), 'sequence descriptors'
             )

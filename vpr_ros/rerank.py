@@ -139,14 +139,16 @@ class MnnReranker:
             raise DatabaseError(msg)
 
     def query_features(self, image: np.ndarray | None, descriptors: Descriptors) -> np.ndarray:
-        return descriptors.local_features[0]
+        local: np.ndarray = descriptors.local_features[0]
+        return local
 
     def scores(
         self, query: np.ndarray, candidates: np.ndarray, database: PlaceDatabase
     ) -> np.ndarray:
         assert database.local_features is not None
         stored = np.asarray(database.local_features[np.asarray(candidates)], np.float32)
-        return mnn_scores(query, stored, self.min_similarity)
+        scores: np.ndarray = mnn_scores(query, stored, self.min_similarity)
+        return scores
 
 
 RERANKERS: dict[str, type[MnnReranker]] = {'mnn': MnnReranker}

@@ -185,7 +185,7 @@ def build_faiss_index(descriptors: np.ndarray, conf: IndexConf) -> faiss.Index:
             return build_faiss_index(descriptors, conf.replace(type='flat'))
         index = faiss.index_factory(dim, f'IVF{nlist},PQ{pq_m}', metric)
         index.train(descriptors)
-        index.nprobe = conf.ivf_nprobe
+        faiss.ParameterSpace().set_index_parameter(index, 'nprobe', conf.ivf_nprobe)
     if count:
         index.add(descriptors)
     return index

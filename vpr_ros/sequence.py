@@ -269,7 +269,8 @@ def patch_normalised_descriptor(
     patches = np.where(std > 1e-6, (patches - mean) / np.maximum(std, 1e-6), 0.0)
     descriptors = patches.reshape(len(greys), -1).astype(np.float32)
     norms = np.linalg.norm(descriptors, axis=1, keepdims=True)
-    return descriptors / np.maximum(norms, 1e-12)
+    unit: np.ndarray = descriptors / np.maximum(norms, 1e-12)
+    return unit
 
 
 def sequence_image_descriptors(
@@ -653,7 +654,8 @@ def _local_zscore(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndar
     count = (hi - lo).astype(np.float64)
     mean = (cumulative[hi] - cumulative[lo]) / count
     variance = (cumulative_sq[hi] - cumulative_sq[lo]) / count - mean * mean
-    return ((values - mean) / np.sqrt(np.maximum(variance, 1e-12))).astype(np.float32)
+    zscores: np.ndarray = (values - mean) / np.sqrt(np.maximum(variance, 1e-12))
+    return zscores.astype(np.float32)
 
 
 def _unit_rows(descriptors: np.ndarray) -> np.ndarray:

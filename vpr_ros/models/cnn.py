@@ -7,9 +7,12 @@ the global descriptor and the stride-16 stage as dense local features for re-ran
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vpr_ros.errors import ModelError
 from vpr_ros.models.aggregation import build_aggregator
@@ -26,6 +29,11 @@ SHIPPED_WEIGHTS = {
 
 class CnnVpr(VprModel):
     """timm CNN backbone + aggregation (global) + an intermediate stage (local)."""
+
+    # A timm CNN (EfficientNet, ResNet, ...): they share feature_info, num_features and
+    # forward_intermediates but no base class that declares them.
+    backbone: Any
+    aggregation: nn.Module
 
     default_conf = {
         'model': 'cnn',

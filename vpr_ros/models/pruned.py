@@ -68,7 +68,7 @@ class PrunedCnnVpr(CnnVpr):
         self._global_dim = int(self.aggregation(final).shape[1])
         self.backbone.num_features = self._final_dim
         if not isinstance(getattr(type(self.aggregation), 'out_dim', None), property):
-            self.aggregation.out_dim = self._global_dim
+            setattr(self.aggregation, 'out_dim', self._global_dim)  # noqa: B010 (nn.Module attr)
         self.train(was_training)
         self.invalidate_identity()
 

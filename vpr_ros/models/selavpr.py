@@ -27,7 +27,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from vpr_ros import logger
@@ -102,6 +102,10 @@ def _is_trainable_name(name: str) -> bool:
 class SelaVpr(VprModel):
     """DINOv2 + SelaVPR global adapters, up-convolution local head and GeM."""
 
+    backbone: VisionTransformer
+    local_head: LocalHead
+    aggregation: nn.Module
+
     default_conf = {
         'model': 'selavpr',
         'name': 'selavpr',
@@ -151,26 +155,27 @@ class SelaVpr(VprModel):
             self.backbone = self._create_backbone(conf, size)
             dim = self.backbone.embed_dim
             for block in self.backbone.blocks:
-                block.adapter1 = Adapter(dim, conf['adapter_ratio'], skip=True)
-                block.adapter2 = Adapter(
+                serial = Adapter(dim, conf['adapter_ratio'], skip=True)
+                parallel = Adapter(
                     dim, conf['adapter_ratio'], skip=False, scale=conf['parallel_scale']
                 )
-                block.attn.register_forward_hook(block.adapter1.serial_hook)
-                block.mlp.register_forward_hook(block.adapter2.parallel_hook)
+                block.adapter1, block.adapter2 = serial, parallel
+                block.get_submodule('attn').register_forward_hook(serial.serial_hook)
+                block.get_submodule('mlp').register_forward_hook(parallel.parallel_hook)
             self.local_head = LocalHead(dim, [int(c) for c in conf['local_channels']])
             self.aggregation = build_aggregator(conf['aggregation'], dim)
         self._load_backbone_weights(conf['backbone_weights'])
         for name, param in self.named_parameters():
             param.requires_grad_(_is_trainable_name(name))
 
-    def _create_backbone(self, conf: dict, size: tuple[int, int]) -> nn.Module:
+    def _create_backbone(self, conf: dict, size: tuple[int, int]) -> VisionTransformer:
         name = conf['backbone']
         if 'dinov2' not in name:
             msg = f'SelaVPR backbone {name!r} is not a timm DINOv2 ViT (vit_*_patch14_dinov2)'
             raise ConfigError(msg)
         pretrained = conf['backbone_weights'] == DOWNLOAD_WEIGHTS
         try:
-            return timm.create_model(
+            backbone = timm.create_model(
                 name,
                 pretrained=pretrained,
                 num_classes=0,
@@ -180,10 +185,14 @@ class SelaVpr(VprModel):
             )
         except RuntimeError as err:
             raise ModelError(f'cannot create SelaVPR backbone {name!r}: {err}') from err
+        if not isinstance(backbone, VisionTransformer):
+            raise ConfigError(f'SelaVPR backbone {name!r} is not a timm VisionTransformer')
+        return backbone
 
     def _load_backbone_weights(self, source: str | None) -> None:
         if source in (RANDOM_WEIGHTS, DOWNLOAD_WEIGHTS):
             return
+        assert source is not None, '_init refuses a model without backbone weights'
         try:
             state = read_state_dict(source)
         except FileNotFoundError as err:
@@ -239,13 +248,15 @@ class SelaVpr(VprModel):
     @property
     def patch_grid(self) -> tuple[int, int]:
         """Patch-token map size (h, w) for the configured input size."""
-        return tuple(int(s) for s in self.backbone.patch_embed.grid_size)
+        grid_h, grid_w = self.backbone.patch_embed.grid_size
+        return int(grid_h), int(grid_w)
 
     @property
     def local_map_size(self) -> tuple[int, int]:
         """Local feature map size (h, w) for the configured input size."""
         if self.conf['local_size']:
-            return tuple(int(s) for s in self.conf['local_size'])
+            size_h, size_w = self.conf['local_size']
+            return int(size_h), int(size_w)
         h, w = self.patch_grid
         for _ in self.local_head.upconvs:
             h, w = 2 * h - 1, 2 * w - 1
@@ -433,7 +444,7 @@ def convert_selavpr_state(
         raise ModelError(f'SelaVPR backbone width {dim} is not ViT-S/B/L (384, 768, 1024)')
     registers = '_reg4' if 'register_tokens' in backbone else ''
     depth = 1 + max(int(k.split('.')[1]) for k in backbone if k.startswith('blocks.'))
-    conf = {
+    conf: dict[str, Any] = {
         'model': 'selavpr',
         'backbone': f'vit_{_BACKBONES_BY_DIM[dim]}_patch14{registers}_dinov2',
         'local_channels': [head[i] for i in sorted(head)],

