@@ -1,7 +1,7 @@
 """Pruning report: memory, latency and recall of pruned CNN models, per step and gamma.
 
 For each model and each gamma, prunes step by step (``vpr_ros.pruning.prune``) and, for
-the unpruned model and every step, measures:
+the unpruned model and every step, measures (sizes with ``vpr_ros.profiling.footprint``):
 
 - parameters, model MB (fp32 and fp16), descriptor dimension D, map MB per 1,000 places;
 - extraction latency (batch 1, this CPU, the model's input size): ``extraction_ms`` is
@@ -51,19 +51,13 @@ from vpr_ros.cli.common import run_cli
 from vpr_ros.errors import ConfigError
 from vpr_ros.ground_truth import positives_frame_aligned
 from vpr_ros.imagefolders import list_images, load_image, relative_names
+from vpr_ros.learning.finetune import BatchNormCalibrator, FinetuneConf
 from vpr_ros.metrics import recall_at_n
 from vpr_ros.models import available_models, load_model, save_model
 from vpr_ros.models.base import VprModel
 from vpr_ros.models.preprocessing import Preprocessing
-from vpr_ros.pruning import (
-    IMPORTANCES,
-    BatchNormCalibrator,
-    FinetuneConf,
-    PruneConf,
-    PruneStep,
-    footprint,
-    prune_with_recovery,
-)
+from vpr_ros.profiling import footprint
+from vpr_ros.pruning import IMPORTANCES, PruneConf, PruneStep, prune_with_recovery
 
 MAP_PLACES = 10_000
 NORDLAND_TOLERANCE = 2
@@ -356,11 +350,11 @@ def prune_steps(
         steps=args.steps,
         gamma=gamma,
         importance=args.importance,
-        round_to=args.round_to,
+        round_to=args.round_to or 0,
     )
     finetune_conf = FinetuneConf(
         iterations=args.finetune_iters,
-        size=tuple(args.finetune_size) if args.finetune_size else None,
+        size=list(args.finetune_size or []),
         distill_weight=args.distill_weight,
         metric_weight=args.metric_weight,
     )

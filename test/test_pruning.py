@@ -1,35 +1,33 @@
-"""Structured pruning: schedule, gamma, channel counts, export round trip, maps, recovery."""
+"""Structured pruning: schedule, gamma, channel counts, export round trip, maps, the prune
+command."""
 
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import torch
-from conftest import synthetic_place, viewed_again
+from conftest import synthetic_place
 
 from vpr_ros.cli.prune import main as prune_main
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError, DatabaseError
-from vpr_ros.extraction import Extractor
 from vpr_ros.mapping import MapBuilder
-from vpr_ros.models import DEFAULT_MODEL, load_model, save_model
+from vpr_ros.models import load_model, save_model
 from vpr_ros.models.pruned import PrunedCnnVpr
+from vpr_ros.profiling import footprint
 from vpr_ros.pruning import (
-    BatchNormCalibrator,
-    FinetuneConf,
-    Finetuner,
     PruneConf,
     channel_counts,
-    footprint,
     head_layers,
     head_sparsity,
-    multi_similarity_loss,
     prune,
-    relational_distillation_loss,
     sparsity_schedule,
 )
 from vpr_ros.types import Frame, Pose
@@ -59,6 +57,19 @@ def last(steps):
 def test_sparsity_rises_linearly_to_the_final_value() -> None:
     assert sparsity_schedule(0.3, 3) == pytest.approx([0.1, 0.2, 0.3])
     assert sparsity_schedule(0.5, 1) == [0.5]
+
+
+def test_pruning_settings_check_their_values_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r'sparsity must be in \[0, 1\), got 1.0; 0.3 removes'):
+        PruneConf(sparsity=1.0)
+    with pytest.raises(ConfigError, match='gamma must be >= 0'):
+        PruneConf(gamma=-0.5)
+    with pytest.raises(ConfigError, match="importance must be one of \\['l1', 'l2', 'taylor'\\]"):
+        PruneConf(importance='l3')
+    with pytest.raises(ConfigError, match='trace_size must have 2 values'):
+        PruneConf(trace_size=[64])
+    conf = PruneConf(round_to=8)
+    assert PruneConf.from_dict(json.loads(json.dumps(conf.to_dict()))) == conf
 
 
 @pytest.mark.parametrize('sparsity, steps', [(1.0, 2), (-0.1, 2), (0.5, 0)])
@@ -180,7 +191,7 @@ def test_a_map_built_with_a_pruned_model_is_smaller_and_rejected_by_the_unpruned
         PlaceDatabase.load(path, expected_model=lite0.identity())
 
 
-# -- importance, recovery ---------------------------------------------------------------------
+# -- importance, inputs ---------------------------------------------------------------------
 
 
 def test_taylor_importance_needs_gradients(resnet18) -> None:
@@ -194,17 +205,6 @@ def test_prune_checks_its_inputs_at_the_call_not_when_iterated(resnet18) -> None
         prune(tiny_selavpr, PruneConf())
     with pytest.raises(ConfigError, match='Taylor'):
         prune(resnet18, PruneConf(importance='taylor'))
-
-
-def test_footprint_counts_the_pooled_local_map_the_extractor_outputs() -> None:
-    model = load_model(DEFAULT_MODEL)
-    height, width = model.preprocessing.size
-    out = Extractor(model).extract([np.zeros((height, width, 3), np.uint8)])
-    _, locations, channels = out.local_features.shape
-    assert (locations, channels) == (8 * 10, 112)  # 240 x 320, stride 16, pooled by 2
-    size = footprint(model)
-    assert size.local_mb_per_1000 == pytest.approx(1000 * locations * channels * 2 / 1e6)
-    assert size.map_mb_per_1000 == pytest.approx(1000 * out.global_descriptors.shape[1] * 4 / 1e6)
 
 
 def test_only_cnn_models_are_pruned() -> None:
@@ -221,70 +221,6 @@ def test_only_cnn_models_are_pruned() -> None:
 
     with pytest.raises(ConfigError, match='CNN'):
         list(prune(NotCnn(), PruneConf()))
-
-
-def write_places(folder: Path, count: int = 6) -> Path:
-    """Two views of ``count`` places, 100 m apart, in the VPR folder format."""
-    folder.mkdir(parents=True)
-    for i in range(count):
-        image = synthetic_place(i, (48, 48))
-        for view, img in enumerate([image, viewed_again(image)]):
-            name = f'@{100.0 * i:.2f}@{view * 2.0:.2f}@view{view}.png'
-            cv2.imwrite(str(folder / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-    return folder
-
-
-def test_taylor_pruning_with_place_labelled_fine_tuning(tmp_path: Path, resnet18) -> None:
-    data = write_places(tmp_path / 'places')
-    conf = FinetuneConf(iterations=2, batch_places=3, size=(48, 48), seed=1)
-    finetuner = Finetuner(data, resnet18, conf)
-    assert len(finetuner.anchors) == 12
-    batch = finetuner.sample()
-    assert len(batch) == 6 and np.all(
-        np.abs(finetuner.utm[batch[0::2], 0] - finetuner.utm[batch[1::2], 0]) < 1
-    )
-    steps = list(
-        prune(
-            resnet18,
-            PruneConf(sparsity=0.5, steps=2, importance='taylor'),
-            gradients=finetuner.accumulate_gradients,
-            finetune=finetuner,
-        )
-    )
-    assert [s.model.global_dim for s in steps] == [384, 256]
-    assert all(np.isfinite(s.finetune_loss) for s in steps)
-    assert steps[-1].model.conf['pruning']['finetuned'] is True
-
-
-def test_fine_tuning_data_without_place_names_needs_distillation(tmp_path: Path) -> None:
-    folder = tmp_path / 'plain'
-    folder.mkdir()
-    cv2.imwrite(str(folder / 'a.png'), synthetic_place(0, (32, 32)))
-    with pytest.raises(ConfigError, match='UTM|east'):
-        Finetuner(folder, None, FinetuneConf())
-    finetuner = Finetuner(folder, load_model('resnet18_gem', SMALL), FinetuneConf(metric_weight=0))
-    assert finetuner.utm is None
-
-
-def test_batchnorm_recalibration_reestimates_running_statistics(resnet18) -> None:
-    step = last(prune(resnet18, PruneConf(sparsity=0.5, steps=1)))
-    bn = step.model.backbone.bn1
-    bn.running_mean.fill_(123.0)
-    BatchNormCalibrator([synthetic_place(i, (64, 64)) for i in range(4)], batch_size=2)(step.model)
-    assert float(bn.running_mean.abs().max()) < 100
-    assert not step.model.training and bn.momentum == 0.1
-
-
-def test_metric_and_distillation_losses_prefer_the_right_ranking() -> None:
-    a = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
-    swapped = a[[0, 2, 1]]
-    positive = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
-    negative = torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)
-    assert multi_similarity_loss(a, positive, negative) < multi_similarity_loss(
-        swapped, positive, negative
-    )
-    assert float(relational_distillation_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
-    assert float(relational_distillation_loss(swapped, a)) > 0.1
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -318,3 +254,44 @@ def test_prune_command_reports_bad_options(tmp_path: Path, capsys) -> None:
     code = prune_main(['--model', 'resnet18_gem', '--out', str(tmp_path), '--sparsity', '1.5'])
     assert code == 1
     assert 'sparsity' in capsys.readouterr().err
+
+
+def test_prune_command_flags_come_from_the_settings_tables() -> None:
+    from vpr_ros.cli.prune import make_parser
+    from vpr_ros.config import conf_from_args
+    from vpr_ros.learning.finetune import FinetuneConf
+
+    argv = [
+        '--out', 'o', '--sparsity', '0.4', '--round-to', '8', '--importance', 'l1',
+        '--finetune-iters', '3', '--finetune-size', '48', '64', '--batch-places', '4',
+        '--positive-dist-m', '5', '--metric-weight', '0', '--temperature', '0.1',
+    ]  # fmt: skip
+    args = make_parser().parse_args(argv)
+    assert conf_from_args(PruneConf, args) == PruneConf(sparsity=0.4, round_to=8, importance='l1')
+    finetune = conf_from_args(FinetuneConf, args)
+    assert finetune == FinetuneConf(
+        iterations=3, size=[48, 64], batch_places=4, positive_dist_m=5.0, metric_weight=0.0,
+        temperature=0.1,
+    )  # fmt: skip
+    assert '--trace-size' not in make_parser().format_help()
+
+
+def test_prune_command_help_and_bad_inputs_do_not_import_torch(tmp_path: Path) -> None:
+    code = (
+        'import sys\n'
+        'from vpr_ros.cli.prune import main\n'
+        f'assert main(["--out", {str(tmp_path)!r}, "--sparsity", "1.5"]) == 1\n'
+        f'assert main(["--out", {str(tmp_path)!r}, "--model", "no_such_model"]) == 1\n'
+        f'assert main(["--out", "o", "--train-data", {str(tmp_path / "x")!r}]) == 1\n'
+        'assert "torch" not in sys.modules, "torch was imported"\n'
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        'PYTHONPATH': os.pathsep.join([str(repo), os.environ.get('PYTHONPATH', '')]),
+    }
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert 'sparsity must be in [0, 1)' in done.stderr
+    assert "unknown model 'no_such_model'" in done.stderr
+    assert '--train-data folder' in done.stderr and 'does not exist' in done.stderr

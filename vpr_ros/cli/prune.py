@@ -18,26 +18,21 @@ import argparse
 import csv
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from vpr_ros import logger
 from vpr_ros.cli.common import parse_with_params_file, run_cli
-from vpr_ros.models import DEFAULT_MODEL, available_models, load_model, save_model
-from vpr_ros.models.base import VprModel
-from vpr_ros.pruning import (
-    IMPORTANCES,
-    BatchNormCalibrator,
-    FinetuneConf,
-    PruneConf,
-    extraction_latency_ms,
-    footprint,
-    matching_latency_ms,
-    prune_with_recovery,
-)
+from vpr_ros.config import add_arguments, conf_from_args
+from vpr_ros.learning.finetune import FinetuneConf
+from vpr_ros.models import DEFAULT_MODEL, available_models, check_model_source
+from vpr_ros.pruning import PruneConf
+
+if TYPE_CHECKING:
+    from vpr_ros.models.base import VprModel
+
+# Fine-tuning settings whose flags predate the settings table.
+FINETUNE_FLAGS = {'iterations': '--finetune-iters', 'size': '--finetune-size'}
 
 STEP_COLUMNS = (
     'step',
@@ -56,7 +51,6 @@ STEP_COLUMNS = (
 
 
 def make_parser() -> argparse.ArgumentParser:
-    defaults, ft = PruneConf(), FinetuneConf()
     parser = argparse.ArgumentParser(
         prog='prune',
         description=(
@@ -79,32 +73,7 @@ def make_parser() -> argparse.ArgumentParser:
         help=f'CNN model to prune: a name {available_models()} or an exported model path',
     )
     parser.add_argument('--out', type=Path, required=True, help='directory for the pruned model')
-    parser.add_argument(
-        '--sparsity',
-        type=float,
-        default=defaults.sparsity,
-        help='fraction of backbone channels removed after the last step, in [0, 1)',
-    )
-    parser.add_argument(
-        '--steps', type=int, default=defaults.steps, help='pruning steps (linear schedule)'
-    )
-    parser.add_argument(
-        '--gamma',
-        type=float,
-        default=defaults.gamma,
-        help='descriptor-layer sparsity relative to the backbone: 0 keeps the descriptor '
-        'dimension D, 1 prunes it like the backbone',
-    )
-    parser.add_argument(
-        '--importance',
-        choices=IMPORTANCES,
-        default=defaults.importance,
-        help='channel importance: filter L1/L2 magnitude, or first-order Taylor (needs '
-        '--train-data)',
-    )
-    parser.add_argument(
-        '--round-to', type=int, help='keep channel counts multiples of this (e.g. 8 for SIMD)'
-    )
+    add_arguments(parser.add_argument_group('pruning'), PruneConf)
     parser.add_argument(
         '--calibration-data',
         type=Path,
@@ -118,47 +87,10 @@ def make_parser() -> argparse.ArgumentParser:
         help='place-labelled images (VPR folder format, @east@north@ in file names) to '
         'fine-tune on between steps',
     )
-    parser.add_argument(
-        '--finetune-iters',
-        type=int,
-        default=ft.iterations,
-        help='fine-tuning iterations after each step (0: none; Taylor still uses the data)',
-    )
-    parser.add_argument(
-        '--batch-places', type=int, default=ft.batch_places, help='places per fine-tuning batch'
-    )
-    parser.add_argument('--lr', type=float, default=ft.lr, help='fine-tuning learning rate')
-    parser.add_argument(
-        '--positive-dist-m',
-        type=float,
-        default=ft.positive_dist_m,
-        help='images this close (metres) are the same place',
-    )
-    parser.add_argument(
-        '--negative-dist-m',
-        type=float,
-        default=ft.negative_dist_m,
-        help='images farther apart (metres) are different places',
-    )
-    parser.add_argument(
-        '--metric-weight',
-        type=float,
-        default=ft.metric_weight,
-        help='weight of the multi-similarity loss on place labels (0: distillation only, '
-        'then --train-data may be any images)',
-    )
-    parser.add_argument(
-        '--distill-weight',
-        type=float,
-        default=ft.distill_weight,
-        help='weight of relational distillation to the unpruned model (0: off)',
-    )
-    parser.add_argument(
-        '--finetune-size',
-        type=int,
-        nargs=2,
-        metavar=('H', 'W'),
-        help="fine-tuning input size (default: the model's own)",
+    add_arguments(
+        parser.add_argument_group('fine-tuning (with --train-data)'),
+        FinetuneConf,
+        flags=FINETUNE_FLAGS,
     )
     parser.add_argument(
         '--save-steps', action='store_true', help='also export every step to OUT/steps/stepK'
@@ -166,12 +98,16 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--runs', type=int, default=20, help='timed forward passes per latency figure'
     )
-    parser.add_argument('--threads', type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        '--threads', type=int, help='torch and faiss CPU threads (unset: their defaults)'
+    )
     return parser
 
 
-def measure(model: VprModel, runs: int) -> dict:
+def measure(model: VprModel, runs: int) -> dict[str, Any]:
     """The efficiency figures of one model (no dataset needed)."""
+    from vpr_ros.profiling import extraction_latency_ms, footprint, matching_latency_ms
+
     fp = footprint(model)
     return {
         'params': fp.params,
@@ -185,31 +121,35 @@ def measure(model: VprModel, runs: int) -> dict:
     }
 
 
+def check_inputs(args: argparse.Namespace) -> tuple[PruneConf, FinetuneConf]:
+    """The settings, and the model and folders checked, before anything heavy is imported."""
+    conf = conf_from_args(PruneConf, args)
+    finetune_conf = conf_from_args(FinetuneConf, args)
+    check_model_source(args.model)
+    for flag, folder in (
+        ('--calibration-data', args.calibration_data),
+        ('--train-data', args.train_data),
+    ):
+        if folder is not None and not folder.is_dir():
+            raise FileNotFoundError(f'{flag} folder {str(folder)!r} does not exist')
+    return conf, finetune_conf
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    conf = PruneConf(
-        sparsity=args.sparsity,
-        steps=args.steps,
-        gamma=args.gamma,
-        importance=args.importance,
-        round_to=args.round_to,
-    )
+    from tqdm import tqdm
+
+    from vpr_ros.learning.finetune import BatchNormCalibrator
+    from vpr_ros.models import load_model, save_model
+    from vpr_ros.pruning import prune_with_recovery
+    from vpr_ros.runtime import set_num_threads
+
+    conf, finetune_conf = check_inputs(args)
+    set_num_threads(args.threads)
     model = load_model(args.model)
     logger.info('pruning %s: %s', model.identity().describe(), conf)
     calibrator = None
     if args.calibration_data is not None:
         calibrator = BatchNormCalibrator.from_folder(args.calibration_data)
-    finetune_conf = FinetuneConf(
-        iterations=args.finetune_iters,
-        batch_places=args.batch_places,
-        lr=args.lr,
-        positive_dist_m=args.positive_dist_m,
-        negative_dist_m=args.negative_dist_m,
-        size=tuple(args.finetune_size) if args.finetune_size else None,
-        metric_weight=args.metric_weight,
-        distill_weight=args.distill_weight,
-    )
     # The model and options are checked here, before the output folder and the timing.
     steps = prune_with_recovery(
         model,
@@ -234,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         if args.save_steps:
             save_model(step.model, args.out / 'steps' / f'step{step.index}')
         last = step
+    assert last is not None, 'PruneConf.steps >= 1'
     save_model(last.model, args.out)
     with (args.out / 'steps.csv').open('w', newline='') as stream:
         writer = csv.DictWriter(stream, fieldnames=STEP_COLUMNS)
@@ -242,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     record = {'options': options, 'prune': conf.to_dict()}
     if args.train_data is not None:
-        record['finetune'] = asdict(finetune_conf)
+        record['finetune'] = finetune_conf.to_dict()
     (args.out / 'prune.json').write_text(json.dumps(record, indent=2))
     first, final = rows[0], rows[-1]
     print(_table(rows))
@@ -263,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict[str, Any]]) -> str:
     header = 'step  sparsity  head   params     MB fp32  D      map MB/1k  extract ms  match ms'
     lines = [header]
     for r in rows:
