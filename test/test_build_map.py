@@ -215,3 +215,14 @@ def test_the_shipped_build_map_parameters_file_is_valid(tmp_path: Path) -> None:
         make_parser(), ['--params', str(shipped), '--bag', 'x', '--out', 'y'], 'build_map'
     )
     assert args.image_topic == '/camera/image_raw' and args.index__type == 'flat'
+
+
+def test_a_negated_switch_in_a_parameters_file_means_what_it_says(tmp_path: Path) -> None:
+    from vpr_ros.cli.build_map import make_parser
+    from vpr_ros.cli.common import parse_with_params_file
+
+    params = tmp_path / 'p.yaml'
+    params.write_text('no_local_features: true\nsequence_descriptors: false\n')
+    argv = ['--params', str(params), '--bag', 'x', '--image-topic', 'i', '--out', 'y']
+    args = parse_with_params_file(make_parser(), argv, 'build_map')
+    assert args.local_features is False and args.sequence_descriptors is False

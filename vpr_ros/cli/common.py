@@ -59,9 +59,15 @@ def parse_with_params_file(
         values = read_params_file(known.params, section)
         # Option names ('bag') and argparse destinations ('bags') both name an option.
         by_name = {action.dest: action for action in parser._actions}
+        negated = set()  # 'no_progress' of --progress/--no-progress sets progress to False
         for action in parser._actions:
             for option in action.option_strings:
-                by_name.setdefault(option.lstrip('-').replace('-', '_'), action)
+                name = option.lstrip('-').replace('-', '_')
+                by_name.setdefault(name, action)
+                if isinstance(action, argparse.BooleanOptionalAction) and option.startswith(
+                    '--no-'
+                ):
+                    negated.add(name)
         unknown = sorted(set(values) - set(by_name))
         if unknown:
             msg = f'unknown options {unknown!r} in {str(known.params)!r}; see --help'
@@ -69,6 +75,11 @@ def parse_with_params_file(
         defaults = {}
         for key, value in values.items():
             action = by_name[key]
+            if key in negated:
+                if not isinstance(value, bool):
+                    msg = f'{key} in {str(known.params)!r} must be true or false, got {value!r}'
+                    raise ConfigError(msg)
+                value = not value
             if isinstance(action, argparse._AppendAction):
                 if any(option in argv for option in action.option_strings):
                     continue  # the command line's list replaces the file's
