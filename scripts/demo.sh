@@ -7,4 +7,4 @@ cd "$root"
 bash scripts/setup_env.sh
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$((RANDOM % 90 + 1))}"
-exec .venv/bin/python -m vpr_ros.cli.demo "$@"
+exec "${VPR_VENV:-$root/.venv}/bin/python" -m vpr_ros.cli.demo "$@"

@@ -61,3 +61,44 @@ def ros_environment() -> dict[str, str]:
         PYTHONUNBUFFERED='1',
     )
     return env
+
+
+# -- small bags (test_bagio, test_bagwriter, test_poses) -----------------------------------
+
+S = 1_000_000_000  # one second in ns
+T0 = 1_700_000_000 * S  # a realistic epoch stamp
+
+
+def bag_path(tmp_path, storage: str, name: str = 'run'):
+    """Where a bag of ``storage`` goes: a ``.bag`` file for ROS 1, else a directory."""
+    return tmp_path / (f'{name}.bag' if storage == 'rosbag1' else name)
+
+
+def storage_file(bag):
+    """The one file that holds the messages of a bag."""
+    return (
+        bag if bag.is_file() else next(p for p in bag.iterdir() if p.suffix in ('.db3', '.mcap'))
+    )
+
+
+def make_frames(n: int = 6, *, with_poses: bool = True) -> list:
+    """Tiny smooth 32x24 images, 0.1 s apart, moving 1 m along x and turning 10 deg per frame."""
+    import math
+
+    from vpr_ros.types import Frame, Pose
+
+    y, x = np.mgrid[0:24, 0:32]
+    frames = []
+    for i in range(n):
+        image = np.stack([x * 8, y * 10, np.full_like(x, 40 * i)], axis=-1).astype(np.uint8)
+        half = math.radians(10.0 * i) / 2
+        pose = Pose(float(i), 0.5 * i, 0.0, 0.0, 0.0, math.sin(half), math.cos(half))
+        frames.append(
+            Frame(
+                image=image,
+                stamp_ns=T0 + i * S // 10,
+                frame_id='camera_optical',
+                pose=pose if with_poses else None,
+            )
+        )
+    return frames

@@ -1,4 +1,4 @@
-"""Tests of vpr_ros.bagio: real tiny bags in every storage, written and read back."""
+"""Tests of vpr_ros.bagio: reading real tiny bags (written by vpr_ros.bagwriter or rosbags)."""
 
 from __future__ import annotations
 
@@ -7,110 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import T0, S, bag_path, make_frames, storage_file
 from rosbags.rosbag2 import Writer
 from rosbags.typesys import Stores, get_typestore
 
-from vpr_ros.bagio import (
-    NO_POSE_REASON,
-    POSE_TYPES,
-    STORAGES,
-    bag_topics,
-    count_messages,
-    read_frames,
-    write_bag,
-)
+from vpr_ros.bagio import NO_POSE_REASON, bag_topics, count_messages, read_frames
+from vpr_ros.bagwriter import DEFAULT_NAVSAT_ORIGIN, STORAGES, write_bag
 from vpr_ros.errors import BagReadError
 from vpr_ros.images import rgb_to_image_fields
-from vpr_ros.types import Frame, Pose, SkipCounter
+from vpr_ros.types import Pose, SkipCounter
 
-S = 1_000_000_000
-T0 = 1_700_000_000 * S
 IMAGE = '/camera/image_raw'
 ODOM = '/odom'
-
-
-def bag_path(tmp_path: Path, storage: str, name: str = 'run') -> Path:
-    return tmp_path / (f'{name}.bag' if storage == 'rosbag1' else name)
-
-
-def storage_file(bag: Path) -> Path:
-    """The one file that holds the messages of a bag."""
-    return (
-        bag if bag.is_file() else next(p for p in bag.iterdir() if p.suffix in ('.db3', '.mcap'))
-    )
-
-
-def make_frames(n: int = 6, *, with_poses: bool = True) -> list[Frame]:
-    """Tiny smooth 32x24 images, 0.1 s apart, moving 1 m along x and turning 10 deg per frame."""
-    y, x = np.mgrid[0:24, 0:32]
-    frames = []
-    for i in range(n):
-        image = np.stack([x * 8, y * 10, np.full_like(x, 40 * i)], axis=-1).astype(np.uint8)
-        half = math.radians(10.0 * i) / 2
-        pose = Pose(float(i), 0.5 * i, 0.0, 0.0, 0.0, math.sin(half), math.cos(half))
-        frames.append(
-            Frame(
-                image=image,
-                stamp_ns=T0 + i * S // 10,
-                frame_id='camera_optical',
-                pose=pose if with_poses else None,
-            )
-        )
-    return frames
-
-
-@pytest.mark.parametrize('storage', STORAGES)
-@pytest.mark.parametrize('compressed', [False, True], ids=['image', 'compressed'])
-def test_frames_round_trip_through_every_storage_and_image_type(
-    tmp_path: Path, storage: str, compressed: bool
-) -> None:
-    frames = make_frames()
-    bag = write_bag(bag_path(tmp_path, storage), frames, storage=storage, compressed=compressed)
-    got = list(read_frames(bag, IMAGE, ODOM))
-
-    assert len(got) == len(frames)
-    for index, (want, have) in enumerate(zip(frames, got)):
-        assert have.stamp_ns == want.stamp_ns
-        assert have.frame_id == 'camera_optical'
-        assert have.pose is not None and want.pose is not None
-        np.testing.assert_allclose(have.pose.as_array(), want.pose.as_array(), atol=1e-12)
-        assert have.pose_frame_id == 'map'
-        assert have.source == str(bag)
-        assert have.topic == IMAGE
-        assert have.msg_index == index
-        assert have.image.shape == (24, 32, 3)
-        if compressed:
-            assert np.abs(have.image.astype(int) - want.image.astype(int)).mean() < 3.0
-        else:
-            np.testing.assert_array_equal(have.image, want.image)
-
-
-@pytest.mark.parametrize('storage', STORAGES)
-@pytest.mark.parametrize('pose_type', list(POSE_TYPES))
-def test_each_pose_type_round_trips_through_every_storage(
-    tmp_path: Path, storage: str, pose_type: str
-) -> None:
-    frames = make_frames(4)
-    bag = write_bag(
-        bag_path(tmp_path, storage),
-        frames,
-        storage=storage,
-        pose_topic='/pose',
-        pose_type=pose_type,
-        pose_frame_id='odom',
-    )
-    assert bag_topics(bag)['/pose'] == POSE_TYPES[pose_type]
-    origin = (47.3769, 8.5417, 408.0) if pose_type == 'navsat' else None
-    got = list(read_frames(bag, IMAGE, '/pose', navsat_origin=origin))
-
-    assert [f.pose_frame_id for f in got] == ['odom'] * 4
-    for want, have in zip(frames, got):
-        assert have.pose is not None and want.pose is not None
-        np.testing.assert_allclose(have.pose.as_array()[:3], want.pose.as_array()[:3], atol=1e-6)
-        if pose_type == 'navsat':  # NavSatFix has no orientation
-            assert (have.pose.qx, have.pose.qy, have.pose.qz, have.pose.qw) == (0, 0, 0, 1)
-        else:
-            np.testing.assert_allclose(have.pose.as_array()[3:], want.pose.as_array()[3:])
 
 
 def test_navsat_positions_default_to_the_first_fix_as_enu_origin(tmp_path: Path) -> None:
@@ -123,6 +31,79 @@ def test_navsat_positions_default_to_the_first_fix_as_enu_origin(tmp_path: Path)
         np.testing.assert_allclose(
             (frame.pose.x, frame.pose.y, frame.pose.z), (i, 0.5 * i, 0.0), atol=1e-3
         )
+
+
+def test_the_frame_stream_reports_the_enu_origin_it_fixed_or_was_given(tmp_path: Path) -> None:
+    frames = make_frames(3)
+    bag = write_bag(tmp_path / 'gps', frames, pose_topic='/fix', pose_type='navsat')
+    fixed = read_frames(bag, IMAGE, '/fix')
+    assert fixed.enu_origin is None  # nothing read yet
+    list(fixed)
+    assert fixed.enu_origin == pytest.approx(DEFAULT_NAVSAT_ORIGIN)  # frame 0 is at ENU 0
+
+    given = (47.3770, 8.5417, 400.0)  # about 11 m north and 8 m below
+    frames_around_given = read_frames(bag, IMAGE, '/fix', enu_origin=given)
+    first = next(frames_around_given)
+    assert frames_around_given.enu_origin == given
+    assert first.pose is not None
+    assert first.pose.y == pytest.approx(-11.1, abs=0.1)
+    assert first.pose.z == pytest.approx(8.0, abs=0.01)
+
+
+def write_navsat_bag(path: Path, statuses: list[int]) -> None:
+    """A bag written with rosbags directly: images and NavSatFix messages at the same stamps,
+    fix ``i`` 1 m further north with status ``statuses[i]`` (-1: no fix)."""
+    typestore = get_typestore(Stores.ROS2_HUMBLE)
+    types = typestore.types
+    plane_north_m = 1.0 / 111_195  # degrees of latitude per metre, roughly
+    rgb = make_frames(1)[0].image
+    with Writer(path, version=9) as writer:
+        images = writer.add_connection(IMAGE, 'sensor_msgs/msg/Image', typestore=typestore)
+        fixes = writer.add_connection('/fix', 'sensor_msgs/msg/NavSatFix', typestore=typestore)
+        for i, status in enumerate(statuses):
+            stamp_ns = T0 + i * S
+            header = types['std_msgs/msg/Header'](
+                stamp=types['builtin_interfaces/msg/Time'](sec=stamp_ns // S, nanosec=0),
+                frame_id='gps',
+            )
+            fix = types['sensor_msgs/msg/NavSatFix'](
+                header=header,
+                status=types['sensor_msgs/msg/NavSatStatus'](status=status, service=1),
+                latitude=47.0 + i * plane_north_m,
+                longitude=8.0,
+                altitude=float('nan') if i == 2 else 500.0,
+                position_covariance=np.zeros(9),
+                position_covariance_type=0,
+            )
+            writer.write(fixes, stamp_ns, typestore.serialize_cdr(fix, fixes.msgtype))
+            encoding, height, width, step, data = rgb_to_image_fields(rgb)
+            image = types['sensor_msgs/msg/Image'](
+                header=header,
+                height=height,
+                width=width,
+                encoding=encoding,
+                is_bigendian=0,
+                step=step,
+                data=np.frombuffer(data, dtype=np.uint8),
+            )
+            writer.write(images, stamp_ns, typestore.serialize_cdr(image, images.msgtype))
+
+
+def test_navsat_fixes_without_a_fix_are_dropped_and_the_first_real_fix_is_the_origin(
+    tmp_path: Path,
+) -> None:
+    bag = tmp_path / 'gps'
+    write_navsat_bag(bag, [-1, 0, 0, 2])
+    skips = SkipCounter()
+    frames = read_frames(bag, IMAGE, '/fix', max_pose_gap_s=1.0, skips=skips)
+    got = list(frames)
+    # Image 0 has only the no-fix message at its stamp: no pose.
+    assert skips.counts == {NO_POSE_REASON: 1}
+    assert frames.enu_origin == (pytest.approx(47.0 + 1 / 111_195), 8.0, 500.0)
+    assert [f.pose_frame_id for f in got] == ['gps'] * 3
+    # North from fix 1; fix 2 has no altitude and takes the origin's.
+    np.testing.assert_allclose([f.pose.y for f in got if f.pose], [0.0, 1.0, 2.0], atol=0.02)
+    np.testing.assert_allclose([f.pose.z for f in got if f.pose], [0.0, 0.0, 0.0], atol=1e-3)
 
 
 def test_images_get_poses_interpolated_from_a_slower_pose_topic(tmp_path: Path) -> None:
@@ -326,18 +307,3 @@ def test_frame_with_unknown_encoding_is_skipped_and_counted(tmp_path: Path, enco
     assert [f.msg_index for f in got] == [0, 2]
     assert skips.counts == {f'unknown encoding {encoding}': 1}
     assert count_messages(bag, IMAGE) == 3
-
-
-def test_write_bag_rejects_bad_arguments(tmp_path: Path) -> None:
-    frames = make_frames(1)
-    with pytest.raises(ValueError, match="unknown storage 'ros3'"):
-        write_bag(tmp_path / 'x', frames, storage='ros3')
-    with pytest.raises(ValueError, match="unknown pose_type 'twist'"):
-        write_bag(tmp_path / 'x', frames, pose_type='twist')
-    with pytest.raises(ValueError, match='add the .bag suffix'):
-        write_bag(tmp_path / 'x', frames, storage='rosbag1')
-    with pytest.raises(ValueError, match='given together'):
-        write_bag(tmp_path / 'x', frames, poses=[Pose(0, 0, 0)])
-    write_bag(tmp_path / 'x', frames)
-    with pytest.raises(FileExistsError, match='exists already'):
-        write_bag(tmp_path / 'x', frames)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import synthetic_place
 
-from vpr_ros.bagio import write_bag
+from vpr_ros.bagwriter import DEFAULT_NAVSAT_ORIGIN, write_bag
 from vpr_ros.cli.build_map import main as build_map_main
 from vpr_ros.database import PlaceDatabase
-from vpr_ros.errors import BagReadError
-from vpr_ros.mapping import build_map
+from vpr_ros.errors import BagReadError, DatabaseError
+from vpr_ros.mapping import MapBuilder, build_map
 from vpr_ros.types import Frame, Pose
 
 STEP_M = 0.6  # metres between frames; keyframes every 1 m keep every second frame
@@ -183,7 +183,19 @@ def test_navsat_bags_and_appends_share_one_local_frame(tmp_path: Path, default_m
     np.testing.assert_allclose(
         database.places['x'], [0, 1, 2, 100, 101, 102, 200, 201, 202], atol=0.01
     )
-    assert database.enu_origin is not None
+    # The first fix of the first bag (at ENU 0) is the origin of all of them.
+    assert database.enu_origin == pytest.approx(DEFAULT_NAVSAT_ORIGIN)
+
+
+def test_a_map_keeps_its_enu_origin_and_refuses_another(default_model) -> None:
+    builder = MapBuilder(default_model)
+    builder.record_enu_origin(None)  # odometry poses: nothing to record
+    assert builder.database.enu_origin is None
+    builder.record_enu_origin((47.0, 8.0, 400.0))
+    builder.record_enu_origin((47.0, 8.0, 400.0))
+    assert builder.database.enu_origin == (47.0, 8.0, 400.0)
+    with pytest.raises(DatabaseError, match=r'ENU frame at \(47.5, 8.0, 400.0\)'):
+        builder.record_enu_origin((47.5, 8.0, 400.0))
 
 
 def test_bags_on_the_command_line_replace_the_files_bags(tmp_path: Path, capsys) -> None:

@@ -40,7 +40,6 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2  # noqa: E402
 from std_srvs.srv import SetBool, Trigger  # noqa: E402
 
-from vpr_ros.bagio import write_bag  # noqa: E402
 from vpr_ros.nodes.conversions import (  # noqa: E402
     HYPOTHESIS_DTYPE,
     hypotheses_from_cloud,
@@ -479,33 +478,6 @@ def test_node_declares_exactly_the_documented_parameters(node) -> None:
     assert names == set(RelocalizeNodeConf.flat_names())
 
 
-def test_bag_player_plays_a_bag_into_the_node(node, tmp_path: Path) -> None:
-    _, harness = node
-    places = [1, 4, 7]
-    stamps = [next_stamp() for _ in places]
-    frames = [
-        Frame(image=query_image(p), stamp_ns=ns(s), frame_id='camera', pose=place_pose(p))
-        for p, s in zip(places, stamps)
-    ]
-    bag = write_bag(tmp_path / 'query_bag', frames, image_topic='/cam/raw', pose_topic='/odom')
-    env = ros_environment()
-    env['ROS_DOMAIN_ID'] = str(harness.context.get_domain_id())
-    command = [sys.executable, '-m', 'vpr_ros.nodes.bag_player', str(bag), '--topic', '/cam/raw']
-    command += ['--pose-topic', '/odom', '--rate', '4', '--wait-subscribers', '1']
-    player = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        harness.spin_until(lambda: player.poll() is not None, 60.0)
-        output = player.communicate(timeout=30)[0].decode()
-    finally:
-        if player.poll() is None:
-            player.kill()
-    assert player.returncode == 0, output
-    assert 'published 6 messages' in output
-    assert harness.spin_until(lambda: all(ns(s) in harness.hypotheses for s in stamps), 10.0)
-    for place, stamp in zip(places, stamps):
-        check_answer(harness, stamp, place)
-
-
 @contextlib.contextmanager
 def node_in_this_process(params: dict) -> Iterator[Harness]:
     """A relocalize node spun in this process (its own domain), with a test harness."""
@@ -550,17 +522,6 @@ def test_sequence_mode_follows_a_camera_along_the_map(maps: dict) -> None:
         assert hypotheses[0].pose == place_pose(PLACES - 1)
         assert harness.spin_until(lambda: 'sequence_median_ms' in harness.values(), 5.0)
         assert harness.values()['mode'] == 'sequence'
-
-
-def test_bag_player_refuses_a_missing_topic(tmp_path: Path, capsys) -> None:
-    from vpr_ros.nodes.bag_player import main
-
-    frames = [Frame(image=synthetic_place(0), stamp_ns=10**9)]
-    bag = write_bag(tmp_path / 'bag', frames, image_topic='/cam/raw', pose_topic=None)
-    assert main([str(bag), '--topic', '/camera/missing']) == 1
-    error = capsys.readouterr().err
-    assert "no image topic '/camera/missing'" in error
-    assert '/cam/raw' in error
 
 
 def fake_model_map(directory: Path, model, name: str | None = None) -> None:

@@ -293,7 +293,7 @@ def test_checkpoint_with_arbitrary_pickled_objects_is_refused(tmp_path: Path) ->
 
 
 def test_selavpr_map_answers_queries_through_the_relocalizer(tmp_path: Path) -> None:
-    from vpr_ros.bagio import write_bag
+    from vpr_ros.bagwriter import write_bag
     from vpr_ros.database import PlaceDatabase
     from vpr_ros.mapping import build_map
     from vpr_ros.relocalization import Relocalizer

@@ -1,59 +1,58 @@
-"""Read camera frames with poses from ROS 1 and ROS 2 bags, and write such bags, with rosbags.
+"""Read camera frames with poses from ROS 1 and ROS 2 bags, with rosbags.
 
 A bag path may be a rosbag2 directory (sqlite3 or mcap storage), a ``.mcap`` or ``.db3`` file,
 or a ROS 1 ``.bag`` file. Every reading problem that is the bag's fault becomes a
 :class:`~vpr_ros.errors.BagReadError` naming the bag; a missing path is a
-``FileNotFoundError``. Stamps are int nanoseconds.
+``FileNotFoundError``. Stamps are int nanoseconds. Pose messages become tracks in
+:mod:`vpr_ros.poses`; writing bags is :mod:`vpr_ros.bagwriter`.
 
 Typical use::
 
     skips = SkipCounter()
-    for frame in read_frames(['run1/'], '/camera/image_raw', '/odom', skips=skips):
+    frames = read_frames(['run1/'], '/camera/image_raw', '/odom', skips=skips)
+    for frame in frames:
         ...
     logger.info('skipped: %s', skips.summary())
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
 
-import numpy as np
 from rosbags.highlevel import AnyReader
 from rosbags.interfaces import Connection
-from rosbags.rosbag1 import Writer as Writer1
-from rosbags.rosbag2 import StoragePlugin
-from rosbags.rosbag2 import Writer as Writer2
 from rosbags.typesys import Stores, get_typestore
 from rosbags.typesys.store import Typestore
 
 from vpr_ros import logger
 from vpr_ros.errors import BagReadError, ImageDecodeError
-from vpr_ros.geometry import LocalTangentPlane, PoseTrack
-from vpr_ros.images import failure_reason, msg_to_rgb, rgb_to_compressed_bytes, rgb_to_image_fields
+from vpr_ros.geometry import PoseTrack
+from vpr_ros.images import IMAGE_TYPES, failure_reason, msg_to_rgb
+from vpr_ros.poses import (
+    POSE_MSGTYPES,
+    EnuOrigin,
+    PoseTrackBuilder,
+    message_stamp_ns,
+    pose_type_of,
+)
 from vpr_ros.types import Frame, Pose, SkipCounter
 
 BagPaths: TypeAlias = 'str | Path | Sequence[str | Path]'
 
-IMAGE_TYPES: tuple[str, ...] = ('sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage')
-"""Message types accepted on the image topic."""
-
-POSE_TYPES: dict[str, str] = {
-    'odometry': 'nav_msgs/msg/Odometry',
-    'pose_stamped': 'geometry_msgs/msg/PoseStamped',
-    'pose_cov': 'geometry_msgs/msg/PoseWithCovarianceStamped',
-    'navsat': 'sensor_msgs/msg/NavSatFix',
-}
-"""Pose kinds (``write_bag(pose_type=...)``) and the message types accepted on the pose topic."""
-
-STORAGES: tuple[str, ...] = ('sqlite3', 'mcap', 'rosbag1')
-"""Bag formats :func:`write_bag` can write."""
-
-DEFAULT_NAVSAT_ORIGIN: tuple[float, float, float] = (47.3769, 8.5417, 408.0)
-"""Latitude, longitude (degrees) and altitude (m) that :func:`write_bag` puts at ENU (0, 0, 0)."""
+__all__ = [
+    'IMAGE_TYPES',
+    'NO_POSE_REASON',
+    'FrameStream',
+    'bag_topics',
+    'count_messages',
+    'iter_messages',
+    'open_bag',
+    'read_frames',
+    'topic_connections',
+]
 
 NO_POSE_REASON = 'no pose within max gap'
 """The :class:`SkipCounter` reason for frames without a pose close enough in time."""
@@ -185,6 +184,19 @@ def _same_topic(a: str, b: str) -> bool:
 def topic_connections(
     reader: AnyReader, path: Path, topic: str, allowed: Iterable[str], role: str
 ) -> list[Connection]:
+    """The connections of ``topic`` (with or without a leading slash), checked.
+
+    Args:
+        reader: An open reader from :func:`open_bag`.
+        path: The bag's path, for error messages.
+        topic: The topic name.
+        allowed: The message types the topic may have; empty for any.
+        role: What the topic is for (``'image'``, ``'pose'``), for error messages.
+
+    Raises:
+        BagReadError: The bag has no such topic (the message lists its topics), or the topic
+            has a type not in ``allowed``.
+    """
     connections = [c for c in reader.connections if _same_topic(c.topic, topic)]
     if not connections:
         msg = (
@@ -241,116 +253,16 @@ def count_messages(bag_paths: BagPaths, topic: str) -> int:
     return total
 
 
-def _stamp_ns(msg: Any, receive_ns: int) -> int:
-    """Header stamp in ns, or the bag's receive time if the header stamp is zero."""
-    stamp = msg.header.stamp
-    ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-    return ns if ns != 0 else int(receive_ns)
-
-
-class NavSatOrigin:
-    """Lazily fixed local tangent plane shared by all bags of one read."""
-
-    def __init__(self, origin: tuple[float, float, float] | None) -> None:
-        self.plane = None if origin is None else LocalTangentPlane(*origin)
-
-
-IDENTITY_QUATERNION = (0.0, 0.0, 0.0, 1.0)
-
-
-def has_orientation(quaternion: Sequence[float]) -> bool:
-    """Whether a quaternion is usable: finite with a non-zero norm. Position-only sources
-    publish zeros; callers use the identity for them."""
-    norm = math.sqrt(sum(v * v for v in quaternion))
-    return math.isfinite(norm) and norm > 1e-9
-
-
-def pose_sample(
-    msg: Any, msgtype: str, navsat: NavSatOrigin
-) -> tuple[tuple[float, float, float], tuple[float, float, float, float]] | None:
-    """Position and orientation (x, y, z, w) of one pose message, of any of ``POSE_TYPES``.
-
-    Works on rosbags and rclpy messages alike. NavSatFix becomes local ENU metres around
-    ``navsat``'s origin (set by the first fix) with identity orientation; a NavSatFix
-    without a fix gives ``None``.
-    """
-    if msgtype == POSE_TYPES['navsat']:
-        lat, lon, alt = float(msg.latitude), float(msg.longitude), float(msg.altitude)
-        if int(msg.status.status) < 0 or not (math.isfinite(lat) and math.isfinite(lon)):
-            return None
-        if navsat.plane is None:
-            navsat.plane = LocalTangentPlane(lat, lon, alt if math.isfinite(alt) else 0.0)
-            logger.info('NavSatFix ENU origin (lat, lon, alt) = %r', navsat.plane.origin)
-        if not math.isfinite(alt):
-            alt = navsat.plane.origin[2]
-        east, north, up = navsat.plane.to_enu(lat, lon, alt).tolist()
-        return (east, north, up), (0.0, 0.0, 0.0, 1.0)
-    pose = msg.pose if msgtype == POSE_TYPES['pose_stamped'] else msg.pose.pose
-    p, q = pose.position, pose.orientation
-    return (float(p.x), float(p.y), float(p.z)), (float(q.x), float(q.y), float(q.z), float(q.w))
-
-
 def _read_track(
-    reader: AnyReader, path: Path, connections: list[Connection], navsat: NavSatOrigin
-) -> tuple[PoseTrack, str]:
-    """Read all poses of one topic of one bag (one pass) into a track."""
-    stamps: list[int] = []
-    positions: list[tuple[float, float, float]] = []
-    quaternions: list[tuple[float, float, float, float]] = []
-    frame_ids: set[str] = set()
-    first_frame_id = ''
-    no_fix = 0
-    zero_quaternions = 0
-    bad_positions = 0
+    reader: AnyReader, path: Path, connections: list[Connection], enu_origin: EnuOrigin | None
+) -> PoseTrackBuilder:
+    """Read all poses of one topic of one bag (one pass); warn once per kind of problem."""
+    builder = PoseTrackBuilder(connections[0].topic, enu_origin=enu_origin)
     for connection, receive_ns, msg in iter_messages(reader, connections, path):
-        sample = pose_sample(msg, connection.msgtype, navsat)
-        if sample is None:
-            no_fix += 1
-            continue
-        position, quaternion = sample
-        if not all(math.isfinite(v) for v in position):
-            bad_positions += 1
-            continue
-        if not has_orientation(quaternion):
-            zero_quaternions += 1
-            quaternion = IDENTITY_QUATERNION
-        stamps.append(_stamp_ns(msg, receive_ns))
-        positions.append(position)
-        quaternions.append(quaternion)
-        frame_id = str(msg.header.frame_id)
-        if not frame_ids:
-            first_frame_id = frame_id
-        frame_ids.add(frame_id)
-    topic = connections[0].topic
-    if no_fix:
-        logger.warning('bag %r: ignored %d NavSatFix messages without a fix', str(path), no_fix)
-    if zero_quaternions:
-        logger.warning(
-            'bag %r: %d pose messages on %r have a zero or non-finite quaternion; '
-            'using identity orientation for them',
-            str(path),
-            zero_quaternions,
-            topic,
-        )
-    if bad_positions:
-        logger.warning(
-            'bag %r: ignored %d pose messages on %r with a non-finite position',
-            str(path),
-            bad_positions,
-            topic,
-        )
-    if len(frame_ids) > 1:
-        logger.warning(
-            'bag %r: pose topic %r mixes frame ids %s; using %r',
-            str(path),
-            topic,
-            sorted(frame_ids),
-            first_frame_id,
-        )
-    if not stamps:
-        logger.warning('bag %r: pose topic %r has no usable poses', str(path), topic)
-    track = PoseTrack(stamps, np.reshape(positions, (-1, 3)), np.reshape(quaternions, (-1, 4)))
-    return track, first_frame_id
+        builder.add(msg, pose_type_of(connection.msgtype), receive_ns)
+    for issue in builder.issues():
+        logger.warning('bag %r: %s', str(path), issue)
+    return builder
 
 
 def read_frames(
@@ -360,14 +272,15 @@ def read_frames(
     *,
     max_pose_gap_s: float = 0.5,
     skips: SkipCounter | None = None,
-    navsat_origin: tuple[float, float, float] | NavSatOrigin | None = None,
-) -> Iterator[Frame]:
+    enu_origin: Sequence[float] | None = None,
+) -> FrameStream:
     """Stream camera frames, each with its pose interpolated at the image stamp.
 
     All bags are opened and their topics checked when this function is called, so a wrong
     path or topic fails here rather than at the first ``next()``. Then, bag by bag, the pose
-    topic is read in one pass and the images are streamed in receive order. An image's stamp is
-    its header stamp, or the bag receive time if the header stamp is zero.
+    topic is read in one pass (:class:`~vpr_ros.poses.PoseTrackBuilder`) and the images are
+    streamed in receive order. An image's stamp is its header stamp, or the bag receive time
+    if the header stamp is zero.
 
     Frames are skipped, counted in ``skips`` and logged (a warning for the first frame of each
     reason in each bag) when:
@@ -378,20 +291,21 @@ def read_frames(
       :func:`vpr_ros.images.failure_reason`).
 
     ``sensor_msgs/NavSatFix`` positions are converted to local ENU metres around
-    ``navsat_origin``, or around the first fix of the first bag if it is ``None`` (pass the same
-    origin when reading bags that must share a frame, e.g. map and query runs). Their
+    ``enu_origin``, or, if it is ``None``, around the first fix read, which then serves all
+    the bags of this call; :attr:`FrameStream.enu_origin` reports it. Pass it on when reading
+    bags that must share a frame (e.g. the next traverse of a map, or query runs). Their
     orientation is identity and fixes with ``status < 0`` (no fix) are ignored.
 
     Args:
         bag_paths: One bag path or a sequence of them, read in order.
         image_topic: A ``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage`` topic.
-        pose_topic: A ``nav_msgs/Odometry``, ``geometry_msgs/PoseStamped``,
-            ``geometry_msgs/PoseWithCovarianceStamped`` or ``sensor_msgs/NavSatFix`` topic;
+        pose_topic: A topic of one of :data:`vpr_ros.poses.POSE_MSGTYPES`
+            (``nav_msgs/Odometry``, ``geometry_msgs/PoseStamped``,
+            ``geometry_msgs/PoseWithCovarianceStamped``, ``sensor_msgs/NavSatFix``);
             ``None`` to read frames without poses.
         max_pose_gap_s: Largest time between the two poses that bracket an image.
         skips: Counter that receives the skipped frames by reason.
-        navsat_origin: ENU origin (lat, lon, alt) for NavSatFix poses, or a ``NavSatOrigin``
-            shared by several calls (it is fixed by the first fix any of them reads).
+        enu_origin: ENU origin (lat, lon, alt) for NavSatFix poses, or ``None``.
 
     Returns:
         An iterator of :class:`~vpr_ros.types.Frame` with RGB images.
@@ -409,71 +323,101 @@ def read_frames(
         with open_bag(path) as reader:
             topic_connections(reader, path, image_topic, IMAGE_TYPES, 'image')
             if pose_topic is not None:
-                topic_connections(reader, path, pose_topic, POSE_TYPES.values(), 'pose')
-    max_gap_ns = round(max_pose_gap_s * 1e9)
-    return _generate_frames(
+                topic_connections(reader, path, pose_topic, POSE_MSGTYPES, 'pose')
+    return FrameStream(
         paths,
         image_topic,
         pose_topic,
-        max_gap_ns,
-        skips if skips is not None else SkipCounter(),
-        navsat_origin if isinstance(navsat_origin, NavSatOrigin) else NavSatOrigin(navsat_origin),
+        max_gap_ns=round(max_pose_gap_s * 1e9),
+        skips=skips if skips is not None else SkipCounter(),
+        enu_origin=enu_origin,
     )
 
 
-def _generate_frames(
-    paths: list[Path],
-    image_topic: str,
-    pose_topic: str | None,
-    max_gap_ns: int,
-    skips: SkipCounter,
-    navsat: NavSatOrigin,
-) -> Iterator[Frame]:
-    for path in paths:
-        with open_bag(path) as reader:
-            track: PoseTrack | None = None
-            pose_frame_id = ''
-            if pose_topic is not None:
-                pose_conns = topic_connections(
-                    reader, path, pose_topic, POSE_TYPES.values(), 'pose'
-                )
-                track, pose_frame_id = _read_track(reader, path, pose_conns, navsat)
-            image_conns = topic_connections(reader, path, image_topic, IMAGE_TYPES, 'image')
-            bag_skips = SkipCounter()
-            count = 0
-            messages = iter_messages(reader, image_conns, path)
-            for index, (connection, receive_ns, msg) in enumerate(messages):
-                stamp_ns = _stamp_ns(msg, receive_ns)
-                pose: Pose | None = None
-                if track is not None:
-                    pose = track.interpolate(stamp_ns, max_gap_ns)
-                    if pose is None:
-                        detail = f'no pose within the max gap of image stamp {stamp_ns} ns'
-                        _skip(skips, bag_skips, path, NO_POSE_REASON, detail)
+class FrameStream(Iterator[Frame]):
+    """The frames :func:`read_frames` streams, and the ENU origin reading them fixed."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        image_topic: str,
+        pose_topic: str | None,
+        *,
+        max_gap_ns: int,
+        skips: SkipCounter,
+        enu_origin: Sequence[float] | None,
+    ) -> None:
+        self._enu_origin: EnuOrigin | None = None
+        if enu_origin is not None:
+            lat, lon, alt = (float(v) for v in enu_origin)
+            self._enu_origin = (lat, lon, alt)
+        self._frames = self._generate(paths, image_topic, pose_topic, max_gap_ns, skips)
+
+    @property
+    def enu_origin(self) -> EnuOrigin | None:
+        """(lat, lon, alt) of the ENU frame NavSatFix poses are in: the one given to
+        :func:`read_frames`, or the first fix read so far (``None`` before any)."""
+        return self._enu_origin
+
+    def __iter__(self) -> FrameStream:
+        return self
+
+    def __next__(self) -> Frame:
+        return next(self._frames)
+
+    def _generate(
+        self,
+        paths: list[Path],
+        image_topic: str,
+        pose_topic: str | None,
+        max_gap_ns: int,
+        skips: SkipCounter,
+    ) -> Iterator[Frame]:
+        for path in paths:
+            with open_bag(path) as reader:
+                track: PoseTrack | None = None
+                pose_frame_id = ''
+                if pose_topic is not None:
+                    pose_conns = topic_connections(reader, path, pose_topic, POSE_MSGTYPES, 'pose')
+                    poses = _read_track(reader, path, pose_conns, self._enu_origin)
+                    self._enu_origin = poses.enu_origin
+                    track, pose_frame_id = poses.track(), poses.frame_id
+                image_conns = topic_connections(reader, path, image_topic, IMAGE_TYPES, 'image')
+                bag_skips = SkipCounter()
+                count = 0
+                messages = iter_messages(reader, image_conns, path)
+                for index, (connection, receive_ns, msg) in enumerate(messages):
+                    stamp_ns = message_stamp_ns(msg, receive_ns)
+                    pose: Pose | None = None
+                    if track is not None:
+                        pose = track.interpolate(stamp_ns, max_gap_ns)
+                        if pose is None:
+                            detail = f'no pose within the max gap of image stamp {stamp_ns} ns'
+                            _skip(skips, bag_skips, path, NO_POSE_REASON, detail)
+                            continue
+                    try:
+                        image = msg_to_rgb(msg)
+                    except ImageDecodeError as err:
+                        _skip(skips, bag_skips, path, failure_reason(err), str(err))
                         continue
-                try:
-                    image = msg_to_rgb(msg)
-                except ImageDecodeError as err:
-                    _skip(skips, bag_skips, path, failure_reason(err), str(err))
-                    continue
-                count += 1
-                yield Frame(
-                    image=image,
-                    stamp_ns=stamp_ns,
-                    frame_id=str(msg.header.frame_id),
-                    pose=pose,
-                    pose_frame_id=pose_frame_id,
-                    source=str(path),
-                    topic=connection.topic,
-                    msg_index=index,
+                    count += 1
+                    yield Frame(
+                        image=image,
+                        stamp_ns=stamp_ns,
+                        frame_id=str(msg.header.frame_id),
+                        pose=pose,
+                        pose_frame_id=pose_frame_id,
+                        source=str(path),
+                        topic=connection.topic,
+                        msg_index=index,
+                    )
+                logger.info(
+                    'bag %r: read %d frames from %r, skipped: %s',
+                    str(path),
+                    count,
+                    image_topic,
+                    bag_skips.summary(),
                 )
-            logger.info(
-                'bag %r: read %d frames from %r, skipped: %s',
-                str(path),
-                count,
-                image_topic,
-                bag_skips.summary(),
-            )
 
 
 def _skip(
@@ -487,233 +431,3 @@ def _skip(
         )
     bag_skips.add(reason)
     skips.add(reason)
-
-
-# --- writing ---------------------------------------------------------------------------------
-
-
-class _MessageFactory:
-    """Builds rosbags message objects for one typestore (ROS 1 headers have a ``seq``)."""
-
-    def __init__(self, typestore: Typestore) -> None:
-        self.types = typestore.types
-        header_cls = self.types['std_msgs/msg/Header']
-        self._has_seq = 'seq' in header_cls.__dataclass_fields__
-        self._seq = 0
-
-    def header(self, stamp_ns: int, frame_id: str) -> Any:
-        sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
-        stamp = self.types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec)
-        if self._has_seq:
-            self._seq += 1
-            return self.types['std_msgs/msg/Header'](seq=self._seq, stamp=stamp, frame_id=frame_id)
-        return self.types['std_msgs/msg/Header'](stamp=stamp, frame_id=frame_id)
-
-    def image(self, header: Any, rgb: np.ndarray, encoding: str) -> Any:
-        encoding, height, width, step, data = rgb_to_image_fields(rgb, encoding)
-        return self.types['sensor_msgs/msg/Image'](
-            header=header,
-            height=height,
-            width=width,
-            encoding=encoding,
-            is_bigendian=0,
-            step=step,
-            data=np.frombuffer(data, dtype=np.uint8),
-        )
-
-    def compressed(self, header: Any, rgb: np.ndarray, fmt: str) -> Any:
-        data = rgb_to_compressed_bytes(rgb, fmt)
-        return self.types['sensor_msgs/msg/CompressedImage'](
-            header=header, format=fmt, data=np.frombuffer(data, dtype=np.uint8)
-        )
-
-    def _pose(self, pose: Pose) -> Any:
-        t = self.types
-        return t['geometry_msgs/msg/Pose'](
-            position=t['geometry_msgs/msg/Point'](x=pose.x, y=pose.y, z=pose.z),
-            orientation=t['geometry_msgs/msg/Quaternion'](
-                x=pose.qx, y=pose.qy, z=pose.qz, w=pose.qw
-            ),
-        )
-
-    def _pose_cov(self, pose: Pose) -> Any:
-        return self.types['geometry_msgs/msg/PoseWithCovariance'](
-            pose=self._pose(pose), covariance=np.zeros(36)
-        )
-
-    def pose_msg(
-        self,
-        kind: str,
-        header: Any,
-        pose: Pose,
-        child_frame_id: str,
-        plane: LocalTangentPlane | None,
-    ) -> Any:
-        t = self.types
-        if kind == 'odometry':
-            zero = t['geometry_msgs/msg/Vector3'](x=0.0, y=0.0, z=0.0)
-            twist = t['geometry_msgs/msg/TwistWithCovariance'](
-                twist=t['geometry_msgs/msg/Twist'](linear=zero, angular=zero),
-                covariance=np.zeros(36),
-            )
-            return t['nav_msgs/msg/Odometry'](
-                header=header,
-                child_frame_id=child_frame_id,
-                pose=self._pose_cov(pose),
-                twist=twist,
-            )
-        if kind == 'pose_stamped':
-            return t['geometry_msgs/msg/PoseStamped'](header=header, pose=self._pose(pose))
-        if kind == 'pose_cov':
-            return t['geometry_msgs/msg/PoseWithCovarianceStamped'](
-                header=header, pose=self._pose_cov(pose)
-            )
-        assert plane is not None
-        lat, lon, alt = (float(v) for v in plane.to_geodetic(pose.x, pose.y, pose.z))
-        status_cls = t['sensor_msgs/msg/NavSatStatus']
-        return t['sensor_msgs/msg/NavSatFix'](
-            header=header,
-            status=status_cls(status=status_cls.STATUS_FIX, service=status_cls.SERVICE_GPS),
-            latitude=lat,
-            longitude=lon,
-            altitude=alt,
-            position_covariance=np.zeros(9),
-            position_covariance_type=0,
-        )
-
-
-class _BagWriter:
-    """One writer interface over rosbags' rosbag1 and rosbag2 writers."""
-
-    def __init__(self, path: Path, storage: str) -> None:
-        if storage == 'rosbag1':
-            self.typestore = get_typestore(Stores.ROS1_NOETIC)
-            self.writer: Writer1 | Writer2 = Writer1(path)
-            self._serialize = self.typestore.serialize_ros1
-        else:
-            self.typestore = get_typestore(Stores.ROS2_HUMBLE)
-            plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
-            self.writer = Writer2(path, version=Writer2.VERSION_LATEST, storage_plugin=plugin)
-            self._serialize = self.typestore.serialize_cdr
-
-    def add(self, topic: str, msgtype: str) -> Connection:
-        return self.writer.add_connection(topic, msgtype, typestore=self.typestore)
-
-    def write(self, connection: Connection, receive_ns: int, msg: Any) -> None:
-        self.writer.write(connection, receive_ns, self._serialize(msg, connection.msgtype))
-
-
-def write_bag(
-    path: str | Path,
-    frames: Iterable[Frame],
-    *,
-    storage: str = 'sqlite3',
-    image_topic: str = '/camera/image_raw',
-    compressed: bool = False,
-    encoding: str = 'rgb8',
-    compressed_format: str = 'jpeg',
-    pose_topic: str | None = '/odom',
-    pose_type: str = 'odometry',
-    pose_frame_id: str = 'map',
-    child_frame_id: str = 'base_link',
-    navsat_origin: tuple[float, float, float] = DEFAULT_NAVSAT_ORIGIN,
-    pose_stamps_ns: Sequence[int] | None = None,
-    poses: Sequence[Pose] | None = None,
-    stamp_headers: bool = True,
-) -> Path:
-    """Write frames (and their poses) to a new bag; the inverse of :func:`read_frames`.
-
-    Each frame becomes one image message whose header stamp and receive time are
-    ``frame.stamp_ns`` and whose header frame id is ``frame.frame_id`` (``'camera'`` if empty).
-    Poses are written as one message per frame that has a pose, stamped like the frame, or,
-    if ``pose_stamps_ns`` and ``poses`` are given, as those messages instead (at their own rate,
-    interleaved by time with the images). Frames should come in time order.
-
-    Args:
-        path: The bag to create: a directory for rosbag2 storages, a ``.bag`` file for ROS 1.
-        frames: Frames with RGB images; streamed, so it may be a generator.
-        storage: ``'sqlite3'`` or ``'mcap'`` (rosbag2), or ``'rosbag1'``.
-        image_topic: Topic of the image messages.
-        compressed: Write ``sensor_msgs/CompressedImage`` instead of ``sensor_msgs/Image``.
-        encoding: ``sensor_msgs/Image`` encoding, see :data:`vpr_ros.images.SUPPORTED_ENCODINGS`.
-        compressed_format: ``'jpeg'`` or ``'png'`` for compressed images.
-        pose_topic: Topic of the pose messages; ``None`` to write no poses.
-        pose_type: One of :data:`POSE_TYPES`: ``'odometry'``, ``'pose_stamped'``,
-            ``'pose_cov'`` or ``'navsat'`` (positions are local ENU metres around
-            ``navsat_origin``, converted to latitude/longitude/altitude; orientation dropped).
-        pose_frame_id: Header frame id of the pose messages.
-        child_frame_id: ``child_frame_id`` of odometry messages.
-        navsat_origin: Latitude, longitude (degrees) and altitude (m) of ENU (0, 0, 0).
-        pose_stamps_ns: Stamps of separate pose messages (with ``poses``).
-        poses: Poses written at ``pose_stamps_ns`` instead of the frames' poses.
-        stamp_headers: If ``False``, header stamps are left zero (as some drivers do) and only
-            the receive time carries the stamp.
-
-    Returns:
-        The path of the written bag.
-
-    Raises:
-        ValueError: An unknown storage, pose type or encoding, mismatched ``pose_stamps_ns`` and
-            ``poses``, or a rosbag1 path that does not end in ``.bag``.
-        FileExistsError: ``path`` exists already.
-    """
-    path = Path(path)
-    if storage not in STORAGES:
-        msg = f'unknown storage {storage!r}; expected one of {", ".join(STORAGES)}'
-        raise ValueError(msg)
-    if pose_type not in POSE_TYPES:
-        msg = f'unknown pose_type {pose_type!r}; expected one of {", ".join(POSE_TYPES)}'
-        raise ValueError(msg)
-    if storage == 'rosbag1' and path.suffix != '.bag':
-        msg = f'a rosbag1 bag must be a .bag file, got {str(path)!r}; add the .bag suffix'
-        raise ValueError(msg)
-    if (pose_stamps_ns is None) != (poses is None) or (
-        poses is not None and pose_stamps_ns is not None and len(poses) != len(pose_stamps_ns)
-    ):
-        msg = 'pose_stamps_ns and poses must be given together and have the same length'
-        raise ValueError(msg)
-    if path.exists():
-        msg = f'bag {str(path)!r} exists already; remove it or choose another path'
-        raise FileExistsError(msg)
-
-    extra: list[tuple[int, Pose]] = []
-    if poses is not None and pose_stamps_ns is not None:
-        extra = sorted(zip((int(s) for s in pose_stamps_ns), poses), key=lambda x: x[0])
-    plane = LocalTangentPlane(*navsat_origin) if pose_type == 'navsat' else None
-
-    bag = _BagWriter(path, storage)
-    factory = _MessageFactory(bag.typestore)
-    image_type = IMAGE_TYPES[1] if compressed else IMAGE_TYPES[0]
-
-    def header(stamp_ns: int, frame_id: str) -> Any:
-        return factory.header(stamp_ns if stamp_headers else 0, frame_id)
-
-    with bag.writer:
-        image_conn = bag.add(image_topic, image_type)
-        pose_conn = bag.add(pose_topic, POSE_TYPES[pose_type]) if pose_topic else None
-
-        def write_pose(stamp_ns: int, pose: Pose) -> None:
-            assert pose_conn is not None
-            msg = factory.pose_msg(
-                pose_type, header(stamp_ns, pose_frame_id), pose, child_frame_id, plane
-            )
-            bag.write(pose_conn, stamp_ns, msg)
-
-        next_extra = 0
-        for frame in frames:
-            if pose_conn is not None:
-                while next_extra < len(extra) and extra[next_extra][0] <= frame.stamp_ns:
-                    write_pose(*extra[next_extra])
-                    next_extra += 1
-            image_header = header(frame.stamp_ns, frame.frame_id or 'camera')
-            if compressed:
-                msg = factory.compressed(image_header, frame.image, compressed_format)
-            else:
-                msg = factory.image(image_header, frame.image, encoding)
-            bag.write(image_conn, frame.stamp_ns, msg)
-            if pose_conn is not None and poses is None and frame.pose is not None:
-                write_pose(frame.stamp_ns, frame.pose)
-        if pose_conn is not None:
-            for stamp_ns, pose in extra[next_extra:]:
-                write_pose(stamp_ns, pose)
-    return path

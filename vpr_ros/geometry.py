@@ -190,7 +190,7 @@ class LocalTangentPlane:
             raise ValueError(msg)
         self.origin = (float(lat0), float(lon0), float(alt0))
         lat, lon = np.radians(lat0), np.radians(lon0)
-        self._origin_ecef = _geodetic_to_ecef(np.float64(lat0), np.float64(lon0), np.float64(alt0))
+        self._origin_ecef = _geodetic_to_ecef(np.asarray(lat0), np.asarray(lon0), np.asarray(alt0))
         # rows: east, north, up unit vectors in ECEF
         self._rotation = np.array(
             [
@@ -218,7 +218,8 @@ class LocalTangentPlane:
             np.asarray(lon, dtype=np.float64),
             np.asarray(alt, dtype=np.float64),
         )
-        return (ecef - self._origin_ecef) @ self._rotation.T
+        enu: np.ndarray = (ecef - self._origin_ecef) @ self._rotation.T
+        return enu
 
     def to_geodetic(
         self, east: float | np.ndarray, north: float | np.ndarray, up: float | np.ndarray

@@ -34,6 +34,9 @@ _ENCODINGS: dict[str, tuple[int, int, int | None]] = {
 SUPPORTED_ENCODINGS: tuple[str, ...] = tuple(_ENCODINGS)
 """Raw ``sensor_msgs/Image`` encodings that :func:`image_to_rgb` understands."""
 
+IMAGE_TYPES: tuple[str, ...] = ('sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage')
+"""The image message types: raw, then compressed."""
+
 _COMPRESSED_EXTENSIONS = {'jpeg': '.jpg', 'jpg': '.jpg', 'png': '.png'}
 
 

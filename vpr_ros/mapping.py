@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from vpr_ros import logger
-from vpr_ros.bagio import NavSatOrigin, count_messages, read_frames
+from vpr_ros.bagio import count_messages, read_frames
 from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase, place_records
-from vpr_ros.errors import BagReadError
+from vpr_ros.errors import BagReadError, DatabaseError
 from vpr_ros.keyframes import KeyframeConf, KeyframeSelector
 from vpr_ros.retrieval import IndexConf
 from vpr_ros.sequence import SequenceConf, patch_normalised_descriptor
@@ -177,6 +177,27 @@ class MapBuilder:
             local_grid=descriptors.local_grid,
         )
 
+    def record_enu_origin(self, enu_origin: Sequence[float] | None) -> None:
+        """Record the ENU origin of the map's NavSatFix poses (``None``: the poses are not
+        from NavSatFix, nothing to record).
+
+        The origin comes from the pose-track builder, which was given the map's own origin
+        (``database.enu_origin``) when the map had one, so the two can only differ by mistake.
+
+        Raises:
+            DatabaseError: the map already has another origin.
+        """
+        if enu_origin is None:
+            return
+        current = self.database.enu_origin
+        if current is not None and tuple(current) != tuple(enu_origin):
+            msg = (
+                f"the new poses are in the ENU frame at {enu_origin!r}, the map's at "
+                f"{current!r}; give the pose reader the map's origin"
+            )
+            raise DatabaseError(msg)
+        self.database.enu_origin = tuple(enu_origin)
+
     def save(self, path: str | os.PathLike) -> Path:
         self.flush()
         return self.database.save(path)
@@ -207,12 +228,14 @@ def build_map(
     builder = MapBuilder(model, conf, database=database, num_threads=num_threads)
     places_before = len(builder.database)
     summary = BuildSummary()
-    total = count_messages(list(bags), image_topic)
+    bag_paths = [Path(bag) for bag in bags]
+    total = count_messages(bag_paths, image_topic)
     frames_read = 0
-    # All bags (and a map being extended) share one ENU frame for NavSatFix poses.
-    navsat = NavSatOrigin(builder.database.enu_origin)
+    # All bags (and a map being extended) share one ENU frame for NavSatFix poses: the map's
+    # origin, or else the first fix of the first bag, handed from bag to bag.
+    enu_origin = builder.database.enu_origin
     with tqdm(total=total, unit='img', desc='build_map', disable=not progress) as bar:
-        for bag in bags:
+        for bag in bag_paths:
             builder.start_traverse()
             frames = read_frames(
                 [bag],
@@ -220,7 +243,7 @@ def build_map(
                 pose_topic,
                 max_pose_gap_s=builder.conf.max_pose_gap_s,
                 skips=summary.skipped,
-                navsat_origin=navsat,
+                enu_origin=enu_origin,
             )
             for frame in frames:
                 frames_read += 1
@@ -229,11 +252,11 @@ def build_map(
                 else:
                     summary.not_keyframes += 1
                 bar.update(frames_read + summary.skipped.total - bar.n)
+            enu_origin = frames.enu_origin
     # Skipped frames (no pose, undecodable) are messages read too.
     summary.messages_read = frames_read + summary.skipped.total
     builder.flush()
-    if navsat.plane is not None:
-        builder.database.enu_origin = navsat.plane.origin
+    builder.record_enu_origin(enu_origin)
     if len(builder.database) == places_before:
         msg = (
             f'no usable frames in {[str(b) for b in bags]!r} '

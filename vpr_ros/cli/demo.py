@@ -7,33 +7,37 @@
 2. write a map bag (mcap) and a query bag (sqlite3) with images and odometry;
 3. run ``build_map`` on the map bag;
 4. start the ``relocalize`` node as its own process;
-5. play the query bag into it over DDS, one frame at a time, and collect what it publishes;
+5. play the query bag into it over DDS, one frame at a time, with the ``demo_client`` node
+   (``vpr_ros.nodes.demo_client``, another process), which records what comes back;
 6. print R@1, the latency from publishing a frame to receiving its hypotheses, and the
    first hypotheses.
+
+This module stays ROS-free: everything that speaks ROS runs in the node processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import cv2
-import numpy as np
-
-from vpr_ros.bagio import read_frames, write_bag
 from vpr_ros.errors import ConfigError, VprError
-from vpr_ros.images import rgb_to_image_fields
 from vpr_ros.models import DEFAULT_MODEL
-from vpr_ros.types import Frame, Pose
+from vpr_ros.types import Frame, Hypothesis, Pose
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy, OpenCV and the bag reader and writer load when the demo runs: --help stays fast.
 
 IMAGE_TOPIC = '/camera/image_raw'
 POSE_TOPIC = '/odom'
@@ -54,15 +58,10 @@ def _yaw_quaternion(yaw: float) -> tuple[float, float, float, float]:
     return 0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2)
 
 
-def _load_rgb(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ConfigError(f'cannot read image {str(path)!r}')
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 def _fit(image: np.ndarray, size: tuple[int, int] = FRAME_SIZE) -> np.ndarray:
     """Centre-crop to the frame's aspect ratio, then resize: a camera frame."""
+    import cv2
+
     height, width = size
     h, w = image.shape[:2]
     scale = min(h / height, w / width)
@@ -74,10 +73,13 @@ def _fit(image: np.ndarray, size: tuple[int, int] = FRAME_SIZE) -> np.ndarray:
 def view_again(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The place seen again: a perspective change (camera moved and turned) and a
     lighting change (gain, gamma, colour cast), plus sensor noise."""
+    import cv2
+    import numpy as np
+
     h, w = image.shape[:2]
-    corners = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+    corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
     jitter = rng.uniform(-0.07, 0.07, (4, 2)) * [w, h]
-    warp = cv2.getPerspectiveTransform(corners, np.float32(corners + jitter))
+    warp = cv2.getPerspectiveTransform(corners, (corners + jitter).astype(np.float32))
     moved = cv2.warpPerspective(image, warp, (w, h), borderMode=cv2.BORDER_REFLECT)
     light = moved.astype(np.float32) / 255.0
     light = np.power(light, rng.uniform(0.7, 1.4)) * rng.uniform(0.75, 1.2)
@@ -88,6 +90,10 @@ def view_again(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def photo_route(seed: int = 0) -> tuple[list[Frame], list[Frame]]:
     """Map and query frames of a route through real photos, ground truth known."""
+    import numpy as np
+
+    from vpr_ros.imagefolders import load_image
+
     try:
         import skimage.data
     except ImportError as err:
@@ -97,11 +103,11 @@ def photo_route(seed: int = 0) -> tuple[list[Frame], list[Frame]]:
     rng = np.random.default_rng(seed)
     map_frames, query_frames = [], []
     for i, name in enumerate(PHOTOS):
-        photo = _fit(_load_rgb(folder / name))
+        photo = _fit(load_image(folder / name))
         pose = Pose(i * PLACE_SPACING_M, 0.0, 0.0)
         map_frames.append(Frame(photo, 10**9 + i * 10**9, 'camera', pose))
         if name in REAL_SECOND_VIEW:
-            query = _fit(_load_rgb(folder / REAL_SECOND_VIEW[name]))
+            query = _fit(load_image(folder / REAL_SECOND_VIEW[name]))
         else:
             query = view_again(photo, rng)
         query_pose = Pose(pose.x + rng.uniform(-1, 1), rng.uniform(-1, 1), 0.0)
@@ -112,6 +118,8 @@ def photo_route(seed: int = 0) -> tuple[list[Frame], list[Frame]]:
 def dataset_route(path: Path) -> tuple[list[Frame], list[Frame]]:
     """A real route from ``data.csv`` (file,x,y,yaw) and its images: even frames are the
     map, odd frames the queries."""
+    from vpr_ros.imagefolders import load_image
+
     table = path / 'data.csv'
     if not table.is_file():
         raise ConfigError(f'{str(path)!r} has no data.csv (file,x,y,yaw); see --help')
@@ -122,11 +130,12 @@ def dataset_route(path: Path) -> tuple[list[Frame], list[Frame]]:
     frames = []
     for i, (name, x, y, yaw) in enumerate(rows):
         pose = Pose(float(x), float(y), 0.0, *_yaw_quaternion(float(yaw)))
-        frames.append(Frame(_load_rgb(path / name), 10**9 + i * 500_000_000, 'camera', pose))
+        frames.append(Frame(load_image(path / name), 10**9 + i * 500_000_000, 'camera', pose))
     return frames[0::2], frames[1::2]
 
 
 def _ros_env() -> dict[str, str]:
+    """The node processes' environment: loopback discovery only, a domain of their own."""
     env = dict(os.environ)
     env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     env.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 90))
@@ -134,67 +143,28 @@ def _ros_env() -> dict[str, str]:
     return env
 
 
-def play_and_collect(
-    query_bag: Path, env: dict[str, str], timeout_s: float
-) -> tuple[list[Frame], dict[int, tuple[list, float]], dict[int, object]]:
-    """Publish the query bag's frames one at a time, waiting for each one's hypotheses.
-
-    Returns the query frames (with ground-truth poses), the hypotheses and latency per
-    stamp, and the ``~/pose`` messages per stamp.
-    """
-    os.environ.update({k: env[k] for k in ('ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_DOMAIN_ID')})
-    import rclpy
-    from geometry_msgs.msg import PoseWithCovarianceStamped
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image, PointCloud2
-
-    from vpr_ros.nodes.conversions import hypotheses_from_cloud, stamp_ns
-
-    frames = list(read_frames([query_bag], IMAGE_TOPIC, POSE_TOPIC))
-    results: dict[int, tuple[list, float]] = {}
-    poses: dict[int, object] = {}
-    sent: dict[int, float] = {}
-    with rclpy.init():
-        node = rclpy.create_node('vpr_demo_player')
-        reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
-        publisher = node.create_publisher(Image, IMAGE_TOPIC, reliable)
-
-        def on_hypotheses(msg: PointCloud2) -> None:
-            stamp = stamp_ns(msg.header.stamp)
-            if stamp in sent:
-                results[stamp] = (hypotheses_from_cloud(msg), time.perf_counter() - sent[stamp])
-
-        def on_pose(msg: PoseWithCovarianceStamped) -> None:
-            poses[stamp_ns(msg.header.stamp)] = msg
-
-        node.create_subscription(PointCloud2, f'/{NODE_NAME}/hypotheses', on_hypotheses, 10)
-        node.create_subscription(PoseWithCovarianceStamped, f'/{NODE_NAME}/pose', on_pose, 10)
-        deadline = time.monotonic() + timeout_s
-        while publisher.get_subscription_count() == 0:
-            if time.monotonic() > deadline:
-                raise VprError('the relocalize node did not subscribe to the camera topic')
-            rclpy.spin_once(node, timeout_sec=0.1)
-        time.sleep(0.5)  # let the node's publishers match ours
-        for frame in frames:
-            encoding, height, width, step, data = rgb_to_image_fields(frame.image)
-            msg = Image(encoding=encoding, height=height, width=width, step=step, data=data)
-            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(frame.stamp_ns, 10**9)
-            msg.header.frame_id = frame.frame_id
-            sent[frame.stamp_ns] = time.perf_counter()
-            publisher.publish(msg)
-            wait_until = time.monotonic() + 30.0
-            while frame.stamp_ns not in results and time.monotonic() < wait_until:
-                rclpy.spin_once(node, timeout_sec=0.05)
-        end = time.monotonic() + 0.5
-        while time.monotonic() < end:
-            rclpy.spin_once(node, timeout_sec=0.05)
-        node.destroy_node()
-    return frames, results, poses
+def _answers(path: Path) -> dict[int, tuple[list[Hypothesis], float, bool]]:
+    """The demo client's answers: camera stamp -> (hypotheses, latency in s, ~/pose came)."""
+    answers: dict[int, tuple[list[Hypothesis], float, bool]] = {}
+    for answer in json.loads(path.read_text())['answers']:
+        hypotheses = [
+            Hypothesis(**{**h, 'pose': Pose(**h['pose']) if h['pose'] else None})
+            for h in answer['hypotheses']
+        ]
+        answers[int(answer['stamp_ns'])] = (
+            hypotheses,
+            float(answer['latency_s']),
+            bool(answer['pose_published']),
+        )
+    return answers
 
 
 def run_demo(
     dataset: Path | None, work_dir: Path, *, radius_m: float, model: str, threads: int
 ) -> int:
+    from vpr_ros.bagio import read_frames
+    from vpr_ros.bagwriter import write_bag
+
     map_frames, query_frames = dataset_route(dataset) if dataset else photo_route()
     print(
         f'route: {len(map_frames)} map frames, {len(query_frames)} query frames '
@@ -220,30 +190,46 @@ def run_demo(
         '-p', 'max_rate_hz:=0.0', '-p', f'num_threads:={threads}',
     ]  # fmt: skip
     print('$ relocalize', ' '.join(node_cmd[3:]))
+    answers_path = work_dir / 'answers.json'
+    client_cmd = [
+        sys.executable, '-m', 'vpr_ros.nodes.demo_client', str(query_bag),
+        '--out', str(answers_path), '--topic', IMAGE_TOPIC, '--node', NODE_NAME,
+    ]  # fmt: skip
+    print('$ demo_client', ' '.join(client_cmd[3:]))
     log_path = work_dir / 'relocalize.log'
     with log_path.open('w') as log:
         node = subprocess.Popen(node_cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            frames, results, pose_msgs = play_and_collect(query_bag, env, timeout_s=120)
+            subprocess.run(client_cmd, env=env, check=False)
         finally:
             node.terminate()
             try:
                 node.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 node.kill()
-    if not results:
+    answers = _answers(answers_path) if answers_path.exists() else {}
+    if not answers:
         print(log_path.read_text()[-3000:], file=sys.stderr)
         raise VprError('the relocalize node published no hypotheses; its log is above')
-    return report(frames, results, pose_msgs, radius_m)
+    frames = list(read_frames([query_bag], IMAGE_TOPIC, POSE_TOPIC))  # with ground truth
+    return report(frames, answers, radius_m)
 
 
-def report(frames: Sequence[Frame], results: dict, pose_msgs: dict, radius_m: float) -> int:
-    correct, latencies, accepted, accepted_correct = 0, [], 0, 0
-    lines = []
+def report(
+    frames: Sequence[Frame],
+    answers: Mapping[int, tuple[list[Hypothesis], float, bool]],
+    radius_m: float,
+) -> int:
+    """Print R@1, latency and the first hypotheses; 0 if every frame was answered."""
+    import numpy as np
+
+    correct, accepted, accepted_correct = 0, 0, 0
+    latencies: list[float] = []
+    lines: list[str] = []
     for frame in frames:
-        if frame.stamp_ns not in results:
+        if frame.stamp_ns not in answers or frame.pose is None:
             continue
-        hypotheses, latency = results[frame.stamp_ns]
+        hypotheses, latency, pose_published = answers[frame.stamp_ns]
         latencies.append(latency)
         best = hypotheses[0] if hypotheses else None
         error = math.inf
@@ -251,7 +237,7 @@ def report(frames: Sequence[Frame], results: dict, pose_msgs: dict, radius_m: fl
             error = math.dist((best.pose.x, best.pose.y), (frame.pose.x, frame.pose.y))
         hit = error <= radius_m
         correct += hit
-        if frame.stamp_ns in pose_msgs:
+        if pose_published:
             accepted += 1
             accepted_correct += hit
         if len(lines) < 5 and best is not None:

@@ -1,4 +1,4 @@
-"""Play a bag's camera topic (and optionally its pose topic) over ROS 2, without ros2 bag.
+"""The ``bag_player`` node: play a bag's camera topic (and its pose topic) without ros2 bag.
 
     python -m vpr_ros.nodes.bag_player BAG --topic /camera/image_raw [--pose-topic /odom]
         [--rate HZ | --speed FACTOR] [--restamp] [--wait-subscribers N]
@@ -7,41 +7,68 @@
 Bags are read with rosbags (ROS 1 ``.bag``, rosbag2 sqlite3 or mcap), so this works where
 ``rosbag2_py`` is not installed. Messages are published under their bag topic names (remap
 them with ``--ros-args -r``) at the recorded timing scaled by ``--speed``, or with images at a
-fixed ``--rate``. ``main`` returns 0 on success and 1 on a bad bag or topic.
+fixed ``--rate``. The options are the settings table :class:`BagPlayerConf`. ``main``
+returns 0 on success and 1 on a bad bag, topic or option.
 """
 
 from __future__ import annotations
 
 import argparse
 import array
-import importlib
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from rclpy.utilities import remove_ros_args
 
-from vpr_ros.bagio import IMAGE_TYPES, POSE_TYPES, iter_messages, open_bag, topic_connections
-from vpr_ros.errors import VprError
+from vpr_ros.config import Conf, add_arguments, conf_from_args, option
+from vpr_ros.errors import ConfigError, VprError
+from vpr_ros.nodes.common import message_class
 
-QOS = {
+if TYPE_CHECKING:
+    from rclpy.publisher import Publisher
+
+# numpy and the bag reader load when a bag is played: --help and bad options stay fast.
+NODE_NAME = 'bag_player'
+QOS: dict[str, QoSProfile] = {
     'reliable': QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE),
     'sensor_data': qos_profile_sensor_data,
 }
+"""Publisher QoS choices."""
 
 
-def message_class(type_name: str) -> type:
-    """The rclpy class of ``'pkg/msg/Name'`` or ``'pkg/Name'`` (as rclpy spells field types)."""
-    parts = type_name.split('/')
-    module = importlib.import_module(f'{parts[0]}.msg')
-    return getattr(module, parts[-1])
+@dataclass(frozen=True)
+class BagPlayerConf(Conf):
+    """What bag_player plays and how; the command-line flags come from this table."""
+
+    topic: str = option(
+        '', 'Camera topic to play (sensor_msgs/Image or CompressedImage); required'
+    )
+    pose_topic: str = option(
+        '', 'Pose topic to play too (Odometry, PoseStamped, ..., NavSatFix); empty: none'
+    )
+    rate: float = option(
+        0.0, 'Publish images at this fixed rate (0: the recorded timing)', unit='Hz', min=0.0
+    )
+    speed: float = option(
+        1.0, 'Factor on the recorded timing (2: twice as fast)', min=0.0, min_exclusive=True
+    )
+    restamp: bool = option(False, 'Stamp headers with the time of publishing')
+    qos: str = option('reliable', 'Publisher QoS', choices=tuple(QOS))
+    wait_subscribers: int = option(
+        0, 'Wait until the camera topic has this many subscribers before playing', min=0
+    )
+    wait_timeout: float = option(30.0, 'Longest wait for subscribers', unit='s', min=0.0)
+
+    def validate(self) -> None:
+        if self.rate and self.speed != 1.0:
+            msg = f'give --rate ({self.rate:g}) or --speed ({self.speed:g}), not both'
+            raise ConfigError(msg)
 
 
 def _element_type(field_type: str) -> str:
@@ -56,8 +83,11 @@ def to_rclpy(value: Any, msg_class: type) -> Any:
     Fields rclpy does not know (e.g. the ``seq`` of ROS 1 headers) are left out; primitive
     arrays are copied in one block.
     """
+    import numpy as np
+
     msg = msg_class()
-    for name, field_type in msg_class.get_fields_and_field_types().items():
+    fields: dict[str, str] = msg_class.get_fields_and_field_types()  # type: ignore[attr-defined]
+    for name, field_type in fields.items():
         source = getattr(value, name)
         current = getattr(msg, name)
         if hasattr(current, 'get_fields_and_field_types'):
@@ -84,9 +114,13 @@ def check_topics(bag: str | Path, image_topic: str, pose_topic: str | None) -> d
         FileNotFoundError: the bag does not exist.
         BagReadError: the bag is unreadable, lacks a topic, or a topic has the wrong type.
     """
+    from vpr_ros.bagio import open_bag, topic_connections
+    from vpr_ros.images import IMAGE_TYPES
+    from vpr_ros.poses import POSE_MSGTYPES
+
     wanted = [(image_topic, IMAGE_TYPES, 'image')]
     if pose_topic:
-        wanted.append((pose_topic, tuple(POSE_TYPES.values()), 'pose'))
+        wanted.append((pose_topic, POSE_MSGTYPES, 'pose'))
     with open_bag(bag) as reader:
         return {
             connection.topic: connection.msgtype
@@ -97,6 +131,8 @@ def check_topics(bag: str | Path, image_topic: str, pose_topic: str | None) -> d
 
 def read_messages(bag: str | Path, topics: Sequence[str]) -> Iterator[tuple[str, int, Any]]:
     """``(topic, receive_ns, rosbags message)`` of ``topics`` (exact bag names), in bag order."""
+    from vpr_ros.bagio import iter_messages, open_bag
+
     with open_bag(bag) as reader:
         connections = [c for c in reader.connections if c.topic in topics]
         for connection, receive_ns, msg in iter_messages(reader, connections, bag):
@@ -111,10 +147,10 @@ class BagPlayer(Node):
         qos: QoS of every publisher.
     """
 
-    def __init__(self, topics: dict[str, str], qos: QoSProfile) -> None:
-        super().__init__('bag_player')
+    def __init__(self, topics: dict[str, str], qos: QoSProfile, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
         self._types = {topic: message_class(kind) for topic, kind in topics.items()}
-        self._publishers_by_topic = {
+        self._publishers_by_topic: dict[str, Publisher] = {
             topic: self.create_publisher(cls, topic, qos) for topic, cls in self._types.items()
         }
 
@@ -168,63 +204,56 @@ class BagPlayer(Node):
         return published
 
 
-def _parser() -> argparse.ArgumentParser:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='bag_player',
         description=__doc__.split('\n\n')[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument('bag', type=Path, help='rosbag2 directory, .mcap/.db3 or ROS 1 .bag')
-    parser.add_argument('--topic', required=True, help='camera topic (Image/CompressedImage)')
-    parser.add_argument('--pose-topic', help='pose topic to play too (Odometry, PoseStamped, ...)')
-    timing = parser.add_mutually_exclusive_group()
-    timing.add_argument('--rate', type=float, help='publish images at this rate (Hz)')
-    timing.add_argument('--speed', type=float, default=1.0, help='factor on recorded timing')
-    parser.add_argument('--restamp', action='store_true', help='stamp headers with the time now')
-    parser.add_argument('--qos', choices=sorted(QOS), default='reliable', help='publisher QoS')
-    parser.add_argument(
-        '--wait-subscribers',
-        type=int,
-        default=0,
-        help='wait until the camera topic has this many subscribers before playing',
-    )
-    parser.add_argument(
-        '--wait-timeout', type=float, default=30.0, help='seconds to wait for subscribers'
-    )
+    add_arguments(parser, BagPlayerConf)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Play a bag (see the module docstring); returns the exit code."""
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.utilities import remove_ros_args
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(remove_ros_args(['bag_player', *argv])[1:])
-    if (args.rate is not None and args.rate <= 0) or args.speed <= 0:
-        print('error: --rate and --speed must be positive', file=sys.stderr)
-        return 1
+    parser = make_parser()
+    args = parser.parse_args(remove_ros_args(['bag_player', *argv])[1:])
     try:
-        topics = check_topics(args.bag, args.topic, args.pose_topic)
+        conf = conf_from_args(BagPlayerConf, args)
+    except ConfigError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 1
+    if not conf.topic:
+        parser.error('the following arguments are required: --topic')
+    try:
+        topics = check_topics(args.bag, conf.topic, conf.pose_topic or None)
     except (FileNotFoundError, VprError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
     image_topic = next(iter(topics))
     with rclpy.init(args=['bag_player', *argv]):
-        node = BagPlayer(topics, QOS[args.qos])
+        node = BagPlayer(topics, QOS[conf.qos])
         try:
-            if args.wait_subscribers and not node.wait_for_subscribers(
-                image_topic, args.wait_subscribers, args.wait_timeout
+            if conf.wait_subscribers and not node.wait_for_subscribers(
+                image_topic, conf.wait_subscribers, conf.wait_timeout
             ):
                 msg = (
                     f'error: {node.resolve_topic_name(image_topic)} has fewer than '
-                    f'{args.wait_subscribers} subscribers after {args.wait_timeout} s'
+                    f'{conf.wait_subscribers} subscribers after {conf.wait_timeout:g} s'
                 )
                 print(msg, file=sys.stderr)
                 return 1
             count = node.play(
                 read_messages(args.bag, list(topics)),
                 image_topic=image_topic,
-                rate_hz=args.rate,
-                speed=args.speed,
-                restamp=args.restamp,
+                rate_hz=conf.rate or None,
+                speed=conf.speed,
+                restamp=conf.restamp,
             )
         except (KeyboardInterrupt, ExternalShutdownException):
             return 0

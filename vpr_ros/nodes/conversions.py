@@ -71,8 +71,9 @@ def array_to_cloud(table: np.ndarray, header: Header) -> PointCloud2:
         ValueError: a field has a type ``PointField`` cannot describe (e.g. int64).
     """
     fields = []
+    columns: Mapping[str, tuple[Any, ...]] = table.dtype.fields or {}
     for name in table.dtype.names or ():
-        dtype, offset = table.dtype.fields[name][:2]
+        dtype, offset = columns[name][:2]
         code = _DTYPE_POINTFIELDS.get(dtype.newbyteorder('<').str[1:])
         if code is None or dtype.shape:
             msg = f'field {name!r} of type {dtype} has no PointField datatype'
@@ -164,7 +165,8 @@ def hypotheses_from_cloud(msg: PointCloud2) -> list[Hypothesis]:
         ValueError: the cloud lacks a field of :data:`HYPOTHESIS_DTYPE`.
     """
     table = cloud_to_array(msg)
-    missing = [name for name in HYPOTHESIS_DTYPE.names if name not in (table.dtype.names or ())]
+    wanted = HYPOTHESIS_DTYPE.names or ()
+    missing = [name for name in wanted if name not in (table.dtype.names or ())]
     if missing:
         msg_text = f'the cloud is not a hypothesis table: it lacks the fields {missing!r}'
         raise ValueError(msg_text)

@@ -10,6 +10,7 @@ the same tables (``python -m vpr_ros.nodes.params`` rewrites them; a test checks
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from rcl_interfaces.msg import (
     ParameterType,
     SetParametersResult,
 )
+from rclpy.exceptions import InvalidParameterValueException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
@@ -70,11 +72,18 @@ def declare_conf(node: Node, conf_class: type[C]) -> C:
     """Declare every setting of ``conf_class`` as a parameter of ``node``; return the values.
 
     Raises:
-        ConfigError: a value the settings table refuses (with what is allowed).
-        rclpy.exceptions.ParameterException: a value of the wrong type or out of range.
+        ConfigError: a value out of its range or one the settings table refuses (with what
+            is allowed).
+        rclpy.exceptions.ParameterException: a value of the wrong type.
     """
     for spec in conf_class.specs():
-        node.declare_parameter(spec.name, spec.default, descriptor(spec))
+        try:
+            node.declare_parameter(spec.name, spec.default, descriptor(spec))
+        except InvalidParameterValueException as err:  # out of the descriptor's range
+            value = re.search(r'value \((.*?)\) for parameter', str(err))
+            got = f', got {value.group(1)}' if value else ''
+            msg = f'{spec.name} must be {spec.range_text()}{got}'
+            raise ConfigError(msg) from err
     return conf_class.from_dict(
         {spec.name: node.get_parameter(spec.name).value for spec in conf_class.specs()}
     )

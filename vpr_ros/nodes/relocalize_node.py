@@ -23,44 +23,37 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.logging import get_logger
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool, Trigger
 
 from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase
-from vpr_ros.errors import ConfigError, ImageDecodeError, VprError
+from vpr_ros.errors import ConfigError, ImageDecodeError
 from vpr_ros.images import failure_reason, msg_to_rgb
 from vpr_ros.models import available_models, load_model
 from vpr_ros.models.base import VprModel
-from vpr_ros.nodes.conversions import (
-    hypotheses_to_cloud,
-    key_values,
-    pose_array,
-    pose_with_covariance,
+from vpr_ros.nodes.common import (
+    CAMERA_QOS,
+    TRANSPORTS,
+    NodeStats,
+    diagnostic_status,
+    run_node,
 )
+from vpr_ros.nodes.conversions import hypotheses_to_cloud, pose_array, pose_with_covariance
 from vpr_ros.nodes.params import declare_conf
 from vpr_ros.relocalization import RelocalizationConf, Relocalizer
-from vpr_ros.runtime import tune_malloc
-from vpr_ros.types import SkipCounter
 
 NODE_NAME = 'relocalize'
 
@@ -97,13 +90,13 @@ class RelocalizeNodeConf(Conf):
         ['raw'],
         "Per camera topic: 'raw' (sensor_msgs/Image) or 'compressed' "
         '(sensor_msgs/CompressedImage); one value applies to every topic',
-        choices=('raw', 'compressed'),
+        choices=tuple(TRANSPORTS),
     )
     camera_qos: str = option(
         'sensor_data',
         "Camera subscription QoS: 'sensor_data' (best effort; matches any camera publisher) "
         "or 'reliable' (only reliable publishers match)",
-        choices=('sensor_data', 'reliable'),
+        choices=tuple(CAMERA_QOS),
     )
     relocalization: RelocalizationConf = nested(RelocalizationConf, flatten=True)
     confidence_threshold: float = option(
@@ -146,12 +139,6 @@ class RelocalizeNodeConf(Conf):
             raise ConfigError(msg)
 
 
-TRANSPORTS = {'raw': Image, 'compressed': CompressedImage}
-CAMERA_QOS = {
-    'sensor_data': qos_profile_sensor_data,
-    'reliable': QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE),
-}
-_LATENCY_WINDOW = 200  # frames the latency statistics cover
 _WARN_THROTTLE_S = 5.0
 
 
@@ -208,27 +195,18 @@ class _LatestFrames:
             self._cond.notify_all()
 
 
-class _Stats:
-    """Counters and recent timings shared by the worker and the diagnostics timer.
+class _Stats(NodeStats):
+    """The worker's counters and timings, and the last best hypothesis.
 
-    ``seconds`` holds, per stage, the times of the last frames: ``wait`` (received to taken
-    by the worker), ``decode``, the Relocalizer's stages (``extract``, ``retrieve`` and
-    ``rerank``, or ``sequence``), ``publish`` (build and publish the hypotheses), and
-    ``latency`` (received to hypotheses published; the pose outputs follow).
+    The stages timed are ``wait`` (received to taken by the worker), ``decode``, the
+    Relocalizer's stages (``extract``, ``retrieve`` and ``rerank``, or ``sequence``),
+    ``publish`` (build and publish the hypotheses), and ``latency`` (received to hypotheses
+    published; the pose outputs follow).
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.processed = 0
-        self.skipped = SkipCounter()
-        self.seconds: dict[str, deque[float]] = {}
-        self.last_error = ''
+        super().__init__()
         self.last_best = ''
-
-    def error(self, reason: str, text: str) -> None:
-        with self.lock:
-            self.skipped.add(reason)
-            self.last_error = text
 
 
 def _load_model_for_map(map_dir: str, model_name: str) -> VprModel:
@@ -308,7 +286,6 @@ class RelocalizeNode(Node):
         self.create_service(
             SetBool, '~/enable', self.enable_callback, callback_group=service_group
         )
-        self._diagnostics_state = (time.monotonic(), 0)
         self.create_timer(
             conf.diagnostics_period_s,
             self.diagnostics_callback,
@@ -372,51 +349,34 @@ class RelocalizeNode(Node):
         return response
 
     def diagnostics_callback(self) -> None:
-        now = time.monotonic()
-        with self._stats.lock:
-            stats = self._stats
-            processed = stats.processed
-            milliseconds = {k: np.array(v) * 1e3 for k, v in stats.seconds.items()}
-            skipped_total, skipped_summary = stats.skipped.total, stats.skipped.summary()
-            last_error, last_best = stats.last_error, stats.last_best
-        then, processed_then = self._diagnostics_state
-        self._diagnostics_state = (now, processed)
+        stats = self._stats.snapshot()
+        last_best = self._stats.last_best
         with self._map_lock:
             database, map_dir = self._relocalizer.database, self._map_dir
-        latency_ms = milliseconds.pop('latency', np.zeros(1))
         values = {
             'enabled': self._enabled,
             'mode': self.conf.relocalization.mode,
-            'processing_rate_hz': (processed - processed_then) / max(now - then, 1e-9),
-            'latency_median_ms': float(np.median(latency_ms)),
-            'latency_p95_ms': float(np.percentile(latency_ms, 95)),
-            **{f'{stage}_median_ms': float(np.median(ms)) for stage, ms in milliseconds.items()},
+            'processing_rate_hz': stats.rate_hz,
+            **stats.timing_values('latency'),
             'frames_received': self._frames.received,
-            'frames_processed': processed,
+            'frames_processed': stats.processed,
             'frames_dropped': self._frames.dropped,
-            'frames_skipped': skipped_total,
-            'skipped_reasons': skipped_summary,
+            'frames_skipped': stats.skipped_total,
+            'skipped_reasons': stats.skipped_summary,
             'map_dir': map_dir,
             'map_places': len(database),
             'model': self._model.name,
             'last_best': last_best,
-            'last_error': last_error,
+            'last_error': stats.last_error,
         }
         level, message = DiagnosticStatus.OK, 'relocalizing'
         if not self._enabled:
             message = 'disabled'
-        elif skipped_total:
-            level, message = DiagnosticStatus.WARN, f'skipped frames: {skipped_summary}'
-        status = DiagnosticStatus(
-            level=level,
-            name=f'{self.get_name()}: relocalization',
-            message=message,
-            hardware_id=self.get_fully_qualified_name(),
-            values=key_values(values),
+        elif stats.skipped_total:
+            level, message = DiagnosticStatus.WARN, f'skipped frames: {stats.skipped_summary}'
+        self._diagnostics_pub.publish(
+            diagnostic_status(self, 'relocalization', level, message, values)
         )
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self._diagnostics_pub.publish(array)
 
     # -- worker -------------------------------------------------------------------------
 
@@ -479,12 +439,9 @@ class RelocalizeNode(Node):
             'publish': published - relocalized,
             'latency': published - pending.received,
         }
-        with self._stats.lock:
-            self._stats.processed += 1
-            for stage, seconds in times.items():
-                window = self._stats.seconds.setdefault(stage, deque(maxlen=_LATENCY_WINDOW))
-                window.append(seconds)
-            if best is not None:
+        self._stats.record(times)
+        if best is not None:
+            with self._stats.lock:
                 self._stats.last_best = f'place {best.place_id} ({best.confidence:.2f})'
 
     def destroy_node(self) -> None:
@@ -497,21 +454,7 @@ class RelocalizeNode(Node):
 
 def main(args: list[str] | None = None) -> None:
     """Run the node; exit with code 1 if it cannot start (bad parameters, map or model)."""
-    tune_malloc()
-    with rclpy.init(args=args):
-        try:
-            node = RelocalizeNode()
-        except (VprError, FileNotFoundError, ParameterException) as err:
-            get_logger(NODE_NAME).fatal(f'cannot start: {err}')
-            sys.exit(1)
-        executor = MultiThreadedExecutor(num_threads=3)
-        executor.add_node(node)
-        try:
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
-        finally:
-            node.destroy_node()
+    run_node(RelocalizeNode, NODE_NAME, args, threads=3)
 
 
 if __name__ == '__main__':
