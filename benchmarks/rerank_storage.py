@@ -31,11 +31,11 @@ import os
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vpr_ros.imagefolders import load_image
 from vpr_ros.models import load_model
 from vpr_ros.rerank import mnn_scores
 
@@ -56,13 +56,6 @@ def compress(raw: torch.Tensor, choice: str) -> np.ndarray:
     sets = F.normalize(sets, dim=1)
     dtype = np.float32 if choice == 'fp32' else np.float16
     return sets.numpy().astype(dtype)
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f'cannot read {str(path)!r}')
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 @torch.inference_mode()
@@ -91,7 +84,7 @@ def rerank_seconds(query: np.ndarray, stored: np.ndarray, k: int, repeats: int) 
 def timing_table(data: Path, args: argparse.Namespace) -> None:
     model = load_model('selavpr_vits14', {'backbone_weights': 'random'})
     paths = sorted((data / 'gardens_sfu_places').rglob('*.jpg'))[:6]
-    images = [load_rgb(p) for p in paths]
+    images = [load_image(p) for p in paths]
     _, raw = describe(model, images)
     c, h, w = raw.shape[1:]
     print(f'\n## Table 1: SelaVPR-sized local maps ({h}x{w}x{c} per place, 224x224 input)')
@@ -138,7 +131,7 @@ def gardens_sets(root: Path) -> tuple[list[np.ndarray], list[int], list[np.ndarr
         for view in sorted(place.glob('i*')):
             for path in sorted(view.glob('*.jpg')):
                 target = (db, db_ids) if view.name == 'i0' else (queries, q_ids)
-                target[0].append(load_rgb(path))
+                target[0].append(load_image(path))
                 target[1].append(place_id)
     return db, db_ids, queries, q_ids
 
@@ -158,8 +151,8 @@ def recall_table(data: Path, args: argparse.Namespace) -> None:
     if args.nordland_frames > 0:
         root = data / 'nordland64'
         names = sorted(p.name for p in (root / 'summer').glob('*.png'))[: args.nordland_frames]
-        summer = [load_rgb(root / 'summer' / n) for n in names]
-        winter = [load_rgb(root / 'winter' / n) for n in names]
+        summer = [load_image(root / 'summer' / n) for n in names]
+        winter = [load_image(root / 'winter' / n) for n in names]
         s_g, s_raw = describe(model, summer)
         w_g, w_raw = describe(model, winter)
         datasets['nordland'] = (

@@ -43,9 +43,9 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from vpr_ros.imagefolders import list_images, load_image
 from vpr_ros.metrics import precision_recall_curve, recall_at_100_precision
 from vpr_ros.results import plot_pr_curve
 from vpr_ros.sequence import (
@@ -62,17 +62,9 @@ HELD_OUT = (1200, 2200)  # summer frames left out of the map for the never-visit
 
 
 def load_traverse(folder: Path) -> tuple[list[str], np.ndarray]:
-    """The PNGs of one traverse, sorted by name, as RGB uint8 (N, H, W, 3)."""
-    paths = sorted(folder.glob('*.png'))
-    if not paths:
-        raise FileNotFoundError(f'no PNG images in {str(folder)!r}')
-    images = []
-    for path in paths:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise OSError(f'cannot read image {str(path)!r}')
-        images.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    return [p.name for p in paths], np.stack(images)
+    """The PNGs of one traverse, in frame order, as RGB uint8 (N, H, W, 3)."""
+    paths = list_images(folder, '*.png')
+    return [p.name for p in paths], np.stack([load_image(p) for p in paths])
 
 
 def margin_to_elsewhere(scores: np.ndarray, best: np.ndarray, exclusion: int) -> np.ndarray:

@@ -1,9 +1,9 @@
-"""Evaluation: metrics on hand-computed queries, every ground-truth format, end-to-end runs."""
+"""Evaluation runner and command: every method through the relocalization pipeline."""
 
 from __future__ import annotations
 
 import json
-import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,282 +12,39 @@ import cv2
 import numpy as np
 import pytest
 from conftest import synthetic_place, viewed_again
+from test_ground_truth import vprbench_object_array
 
 from vpr_ros.cli.evaluate import main as evaluate_main
-from vpr_ros.errors import ConfigError, ImageDecodeError
+from vpr_ros.database import PLACE_DTYPE, PlaceDatabase
+from vpr_ros.errors import ConfigError
 from vpr_ros.evaluation import (
     RERANKED,
     RETRIEVAL,
     SEQUENCE,
+    DescribedQuery,
     build_reference_database,
     evaluate,
-    evaluate_sequence,
     evenly_spaced,
-    sequence_descriptors,
+    make_relocalizers,
+    method_confs,
+    run_methods,
 )
-from vpr_ros.ground_truth import (
-    VPRBENCH_CONVERSION,
-    positives_frame_aligned,
-    positives_from_utm,
-    positives_from_vprbench,
-    positives_same_folder,
-    positives_within_radius,
-)
-from vpr_ros.imagefolders import list_images, load_image, natural_key, parse_utm
-from vpr_ros.metrics import (
-    first_hit_ranks,
-    precision_recall_curve,
-    recall_at_100_precision,
-    recall_at_n,
-)
-from vpr_ros.results import plot_pr_curve, summarize
+from vpr_ros.extraction import Descriptors
+from vpr_ros.ground_truth import positives_frame_aligned
+from vpr_ros.imagefolders import list_images, load_image, parse_utm
+from vpr_ros.mapping import MapBuilder
+from vpr_ros.relocalization import RelocalizationConf, Relocalizer
+from vpr_ros.sequence import sequence_image_descriptors
+from vpr_ros.types import Frame, Pose
 
 PLACES = 6
 SPACING_M = 100.0  # places far apart: exactly one positive within 25 m
-
-
-def as_lists(positives: list[np.ndarray]) -> list[list[int]]:
-    return [p.tolist() for p in positives]
-
-
-# -- metrics --------------------------------------------------------------------------------
-
-
-def test_recall_at_n_is_cumulative_over_hand_computed_queries() -> None:
-    predictions = np.array(
-        [
-            [3, 1, 2, 0, 4],  # first positive at rank 0
-            [0, 5, 7, 6, 2],  # first positive at rank 2
-            [1, 2, 3, 4, 5],  # none
-            [9, 8, 7, 6, -1],  # first positive at rank 3 (-1 pads)
-        ]
-    )
-    positives = [{3}, {7, 9}, {0}, [6]]
-    recalls = recall_at_n(predictions, positives, ns=(1, 2, 3, 4, 5, 20))
-    assert recalls == {1: 0.25, 2: 0.25, 3: 0.5, 4: 0.75, 5: 0.75, 20: 0.75}
-
-
-def test_recall_at_n_never_counts_padding_as_a_match() -> None:
-    assert recall_at_n(np.array([[-1, -1]]), [{-1}], ns=(1, 2)) == {1: 0.0, 2: 0.0}
-
-
-def test_precision_recall_curve_on_hand_computed_queries_with_a_tie() -> None:
-    correct = np.array([True, True, False, True])
-    confidence = np.array([0.9, 0.8, 0.8, 0.1])
-    precision, recall, thresholds = precision_recall_curve(correct, confidence)
-    # >= 0.9: 1 accepted, 1 right; >= 0.8: 3 accepted (tie), 2 right; >= 0.1: 4, 3 right.
-    np.testing.assert_allclose(thresholds, [0.9, 0.8, 0.1])
-    np.testing.assert_allclose(precision, [1.0, 2 / 3, 0.75])
-    np.testing.assert_allclose(recall, [0.25, 0.5, 0.75])
-    assert recall_at_100_precision(correct, confidence) == 0.25
-
-
-def test_recall_at_100_precision_takes_the_largest_perfect_threshold() -> None:
-    correct = np.array([True, True, True, False, True])
-    confidence = np.array([0.9, 0.7, 0.5, 0.3, 0.2])
-    assert recall_at_100_precision(correct, confidence) == pytest.approx(0.6)
-
-
-def test_recall_at_100_precision_is_zero_when_the_most_confident_answer_is_wrong() -> None:
-    correct = np.array([False, True, True])
-    assert recall_at_100_precision(correct, np.array([0.9, 0.5, 0.4])) == 0.0
-
-
-def test_summarize_marks_recall_beyond_the_returned_candidates_unknown() -> None:
-    predictions = np.array([[0, 1], [2, 1]])
-    method = summarize(
-        'x', predictions, [0.5, 0.2], [{0}, {1}], [0.01, 0.03], num_db=10, ns=(1, 2, 5)
-    )
-    assert method.recalls == {1: 0.5, 2: 1.0, 5: None}
-    assert method.correct.tolist() == [True, False]
-    assert method.recall_at_100_precision == 0.5
-    assert method.latency_median_ms == pytest.approx(20.0)
-    # A reference of only 2 places: all of it was returned, so Recall@5 is known.
-    small = summarize('x', predictions, [0.5, 0.2], [{0}, {1}], [0.01, 0.03], num_db=2, ns=(5,))
-    assert small.recalls == {5: 1.0}
-
-
-def test_summarize_scores_an_empty_query_set_without_a_reshape_error() -> None:
-    method = summarize('x', np.zeros((0, 4), np.int64), [], [], [], num_db=3, ns=(1, 5))
-    assert method.predictions.shape == (0, 4)
-    assert all(math.isnan(r) for r in method.recalls.values())
-    assert first_hit_ranks(np.zeros((0, 4), np.int64), []).shape == (0,)
-
-
-def test_queries_without_a_positive_are_out_of_recall_but_wrong_if_accepted() -> None:
-    # Query 1 is off the map; the method answers it with the highest confidence.
-    predictions = np.array([[0, 1], [2, 0], [1, 2], [3, 2]])
-    positives = [[0], [], [1], [2]]
-    confidences = [0.5, 0.9, 0.4, 0.3]
-    method = summarize('x', predictions, confidences, positives, [0.01] * 4, num_db=4, ns=(1, 2))
-    # Recall@N over the three queries with a positive only.
-    assert method.recalls == pytest.approx({1: 2 / 3, 2: 1.0})
-    assert method.correct.tolist() == [True, False, True, False]
-    # Accepting the off-map query first breaks 100 % precision at once ...
-    assert method.recall_at_100_precision == 0.0
-    np.testing.assert_allclose(method.precision, [0.0, 0.5, 2 / 3, 0.5])
-    # ... and recall's denominator is the 3 queries with a positive.
-    np.testing.assert_allclose(method.recall, [0.0, 1 / 3, 2 / 3, 2 / 3])
-    # Rejecting it (lowest confidence) costs no recall.
-    confidences = [0.5, 0.1, 0.4, 0.3]
-    rejected = summarize('x', predictions, confidences, positives, [0.01] * 4, num_db=4)
-    assert rejected.recall_at_100_precision == pytest.approx(2 / 3)
-
-
-def test_plot_pr_curve_writes_a_png(tmp_path: Path) -> None:
-    path = plot_pr_curve(
-        {'a': (np.array([1.0, 0.5]), np.array([0.5, 0.5])), 'empty': (np.zeros(0), np.zeros(0))},
-        tmp_path / 'plots' / 'pr.png',
-    )
-    image = cv2.imread(str(path))
-    assert image is not None and image.shape[0] > 100
 
 
 def test_evenly_spaced_spreads_the_limit_over_all_queries() -> None:
     assert evenly_spaced(10, 3).tolist() == [0, 4, 9]
     assert evenly_spaced(4, None).tolist() == [0, 1, 2, 3]
     assert evenly_spaced(4, 9).tolist() == [0, 1, 2, 3]
-
-
-# -- ground truth -----------------------------------------------------------------------------
-
-
-def test_parse_utm_reads_east_and_north_from_the_file_name() -> None:
-    assert parse_utm('db/@585000.5@4477000.25@17@T@@@@@.jpg') == (585000.5, 4477000.25)
-    with pytest.raises(ConfigError, match='no UTM coordinates'):
-        parse_utm('images-00001.png')
-
-
-def test_positives_from_utm_use_the_radius_inclusively() -> None:
-    db = ['@0@0@.jpg', '@20@0@.jpg', '@25@0@.jpg', '@60@0@.jpg']
-    queries = ['@0@0@q.jpg', '@60@10@q.jpg', '@500@500@q.jpg']
-    positives = positives_from_utm(db, queries, radius_m=25)
-    assert as_lists(positives) == [[0, 1, 2], [3], []]
-    assert as_lists(positives_from_utm(db, queries[:1], radius_m=5)) == [[0]]
-
-
-def test_positives_within_radius_need_every_reference_position() -> None:
-    with pytest.raises(ConfigError, match='NaN'):
-        positives_within_radius(np.array([[0.0, np.nan]]), np.zeros((1, 2)), 25)
-
-
-def test_vprbench_bool_matrix_and_ranges_load_without_pickle(tmp_path: Path) -> None:
-    matrix = np.array([[True, False, True], [False, False, False]])
-    np.save(tmp_path / 'matrix.npy', matrix)
-    assert as_lists(positives_from_vprbench(tmp_path / 'matrix.npy', num_queries=2)) == [
-        [0, 2],
-        [],
-    ]
-    np.save(tmp_path / 'ranges.npy', np.array([[1, 3], [0, 0], [-1, -1]]))
-    positives = positives_from_vprbench(tmp_path / 'ranges.npy', num_db=4)
-    assert as_lists(positives) == [[1, 2, 3], [0], []]
-
-
-def test_vprbench_npz_variants_load_without_pickle(tmp_path: Path) -> None:
-    np.savez(tmp_path / 'pairs.npz', query_index=[0, 0, 2], db_index=[5, 4, 1], num_queries=4)
-    assert as_lists(positives_from_vprbench(tmp_path / 'pairs.npz')) == [[4, 5], [], [1], []]
-    np.savez(tmp_path / 'positives.npz', positives=np.eye(2, dtype=bool))
-    assert as_lists(positives_from_vprbench(tmp_path / 'positives.npz')) == [[0], [1]]
-    np.savez(tmp_path / 'ranges.npz', ranges=np.array([[2, 3]]))
-    assert as_lists(positives_from_vprbench(tmp_path / 'ranges.npz')) == [[2, 3]]
-
-
-def vprbench_object_array(path: Path) -> Path:
-    """A file laid out like VPR-Bench's ground_truth_new.npy (needs pickle)."""
-    rows = np.empty((3, 2), dtype=object)
-    rows[0] = [0, [1, 2]]
-    rows[1] = [1, []]
-    rows[2] = [2, np.array([4])]
-    np.save(path, rows, allow_pickle=True)
-    return path
-
-
-def test_vprbench_object_array_is_refused_with_the_conversion_command(tmp_path: Path) -> None:
-    path = vprbench_object_array(tmp_path / 'ground_truth_new.npy')
-    with pytest.raises(ConfigError, match='pickled object array') as info:
-        positives_from_vprbench(path)
-    assert VPRBENCH_CONVERSION in str(info.value)
-
-
-def test_vprbench_conversion_command_gives_a_file_that_loads(tmp_path: Path) -> None:
-    vprbench_object_array(tmp_path / 'ground_truth_new.npy')
-    command = VPRBENCH_CONVERSION.replace('python -c ', '', 1).strip('"')
-    subprocess.run([sys.executable, '-c', command], cwd=tmp_path, check=True)
-    positives = positives_from_vprbench(tmp_path / 'ground_truth.npz', num_queries=3)
-    assert as_lists(positives) == [[1, 2], [], [4]]
-
-
-def test_vprbench_mismatches_are_reported(tmp_path: Path) -> None:
-    np.save(tmp_path / 'gt.npy', np.array([[0, 7]]))
-    with pytest.raises(ConfigError, match='1 queries, but there are 2'):
-        positives_from_vprbench(tmp_path / 'gt.npy', num_queries=2)
-    with pytest.raises(ConfigError, match='reference index 7'):
-        positives_from_vprbench(tmp_path / 'gt.npy', num_db=5)
-    np.save(tmp_path / 'float.npy', np.ones((2, 3)))
-    with pytest.raises(ConfigError, match='dtype float64'):
-        positives_from_vprbench(tmp_path / 'float.npy')
-    with pytest.raises(FileNotFoundError):
-        positives_from_vprbench(tmp_path / 'missing.npy')
-
-
-def test_frame_aligned_positives_take_neighbours_in_name_order() -> None:
-    db = ['f03.png', 'f00.png', 'f01.png', 'f02.png', 'f04.png', 'f05.png']  # unsorted
-    queries = ['f00.png', 'f03.png', 'f05.png', 'other.png']
-    positives = positives_frame_aligned(db, queries, tolerance=1)
-    # f00 -> f00, f01; f03 -> f02..f04; f05 -> f04, f05 (as indices into db).
-    assert as_lists(positives) == [[1, 2], [0, 3, 4], [4, 5], []]
-    assert as_lists(positives_frame_aligned(db, ['f02.png'], tolerance=0)) == [[3]]
-
-
-def test_frame_aligned_positives_order_frame_numbers_by_value() -> None:
-    db = ['f1.png', 'f10.png', 'f11.png', 'f2.png', 'f9.png']  # plain sort order
-    positives = positives_frame_aligned(db, ['f2.png', 'f10.png'], tolerance=1)
-    # Frame order is f1, f2, f9, f10, f11: f2 -> f1..f9; f10 -> f9..f11.
-    assert as_lists(positives) == [[0, 3, 4], [1, 2, 4]]
-
-
-def test_natural_key_orders_digit_runs_by_value() -> None:
-    names = ['run2/10.png', 'run10/1.png', 'run2/9.png', 'run2/09b.png', 'a.png']
-    assert sorted(names, key=natural_key) == [
-        'a.png',
-        'run2/9.png',
-        'run2/09b.png',
-        'run2/10.png',
-        'run10/1.png',
-    ]
-
-
-def test_same_folder_positives_group_by_leading_folders() -> None:
-    db = ['p0/i0/a.jpg', 'p1/i0/b.jpg', 'p1/i0/c.jpg']
-    queries = ['p1/i1/x.jpg', 'p0/i2/y.jpg', 'p9/i1/z.jpg']
-    assert as_lists(positives_same_folder(db, queries)) == [[1, 2], [0], []]
-    assert as_lists(positives_same_folder(db, ['p1/i0/q.jpg'], depth=2)) == [[1, 2]]
-    with pytest.raises(ConfigError, match='no folder at depth 1'):
-        positives_same_folder(['a.jpg'], ['b.jpg'])
-
-
-def test_images_are_listed_sorted_and_loaded_as_rgb(tmp_path: Path) -> None:
-    image = np.zeros((8, 8, 3), np.uint8)
-    image[..., 0] = 200  # red in RGB
-    cv2.imwrite(str(tmp_path / 'b.png'), image[..., ::-1])
-    cv2.imwrite(str(tmp_path / 'a.png'), image[..., ::-1])
-    (tmp_path / 'notes.txt').write_text('not an image')
-    paths = list_images(tmp_path)
-    assert [p.name for p in paths] == ['a.png', 'b.png']
-    assert load_image(paths[0])[0, 0].tolist() == [200, 0, 0]
-    (tmp_path / 'broken.png').write_bytes(b'not a png')
-    with pytest.raises(ImageDecodeError, match='broken.png'):
-        load_image(tmp_path / 'broken.png')
-    with pytest.raises(ConfigError, match='no images'):
-        list_images(tmp_path, '*.jpg')
-
-
-def test_images_are_listed_in_frame_number_order(tmp_path: Path) -> None:
-    image = np.zeros((4, 4, 3), np.uint8)
-    for i in (1, 2, 10, 11, 9):
-        cv2.imwrite(str(tmp_path / f'{i}.png'), image)
-    names = [p.name for p in list_images(tmp_path)]
-    assert names == ['1.png', '2.png', '9.png', '10.png', '11.png']
 
 
 # -- end to end -----------------------------------------------------------------------------
@@ -469,32 +226,153 @@ def test_evaluate_cli_scores_place_folders(dataset: Path, tmp_path: Path) -> Non
     assert results['methods'][RETRIEVAL]['recall_at_n']['R@1'] == 1.0
 
 
-def test_evaluate_sequence_follows_a_planted_route() -> None:
+def planted_map(model, descriptors: np.ndarray) -> PlaceDatabase:
+    """A map whose places have the given global descriptors: one traverse, no poses."""
+    places = np.zeros(len(descriptors), PLACE_DTYPE)
+    places['place_id'] = np.arange(len(descriptors))
+    for key in ('x', 'y', 'z', 'qx', 'qy', 'qz', 'qw'):
+        places[key] = np.nan
+    return PlaceDatabase(model.identity(), descriptors, places)
+
+
+def test_a_sequence_method_follows_a_planted_route(default_model) -> None:
     rng = np.random.default_rng(0)
-    route = rng.normal(size=(60, 32)).astype(np.float32)
+    # 32-dimensional descriptors (the model's other dimensions zero), where random places
+    # look alike enough for single frames to fail.
+    route = np.zeros((60, default_model.identity().global_dim), np.float32)
+    route[:, :32] = rng.normal(size=(60, 32))
     route /= np.linalg.norm(route, axis=1, keepdims=True)
     # The query drives places 10..39 again, one place per frame, with noisy descriptors.
-    queries = route[10:40] + 0.3 * rng.normal(size=(30, 32)).astype(np.float32)
+    queries = route[10:40].copy()
+    queries[:, :32] += 0.3 * rng.normal(size=(30, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     positives = [np.array([10 + i]) for i in range(30)]
-    method = evaluate_sequence(
-        queries, route, positives, {'length': 5, 'descriptor': 'global'}, progress=False
+    conf = {'sequence': {'length': 5, 'descriptor': 'global'}}
+    database = planted_map(default_model, route)
+    relocalizers = make_relocalizers(
+        default_model, database, method_confs(conf, [SEQUENCE, RETRIEVAL])
     )
+    described = (
+        DescribedQuery(None, Descriptors(q[None], np.zeros((1, 0, 1), np.float32)), 0.001)
+        for q in queries
+    )
+    runs = run_methods(relocalizers, described, positives, num_db=len(route))
+    method = runs.methods[SEQUENCE]
     assert method.name == SEQUENCE
     assert method.predictions.shape == (30, 20)
     # Single frames are often wrong at this noise; once a few frames are in, the sequence
     # is always right (the first frames have little sequence to go on).
-    single_frame = (queries @ route.T).argmax(axis=1) == np.arange(10, 40)
+    single_frame = runs.methods[RETRIEVAL].correct
     assert single_frame.mean() < 0.85
     assert method.correct[3:].all()
     assert method.recalls[1] > single_frame.mean()
-    assert (method.confidences > 0).all() and (method.latencies_s > 0).all()
+    assert (method.confidences > 0).all() and (method.latencies_s > 0.001).all()
+    np.testing.assert_array_equal(runs.query_globals, queries)
 
 
-def test_sequence_descriptors_are_patch_normalised_per_image(dataset: Path) -> None:
+def test_reference_images_become_a_map_with_patch_normalised_pixels(
+    dataset: Path, default_model
+) -> None:
     paths = list_images(dataset / 'aligned/db')
-    descriptors, seconds = sequence_descriptors(paths, {'descriptor': 'patch_norm'})
-    assert descriptors.shape == (PLACES, 64 * 32) and seconds.shape == (PLACES,)
-    np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, rtol=1e-5)
+    database = build_reference_database(default_model, paths, progress=False)
+    assert len(database) == PLACES and database.places['source'].tolist() == list(map(str, paths))
+    assert (database.places['traverse'] == 0).all()
+    descriptors = np.asarray(database.sequence_descriptors, np.float32)
+    assert descriptors.shape == (PLACES, 64 * 32)
+    np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, rtol=1e-3)
+    expected = sequence_image_descriptors([load_image(p) for p in paths])
+    np.testing.assert_allclose(descriptors, expected, atol=1e-3)
+
+
+def test_a_sequence_method_on_image_folders_answers_as_relocalizer_on_a_built_map(
+    dataset: Path, default_model
+) -> None:
+    # The same reference images, once through evaluate and once as a map that MapBuilder
+    # builds from frames (as the map builder node does), matched by a Relocalizer.
+    db_paths = list_images(dataset / 'utm/db')
+    query_paths = list_images(dataset / 'utm/queries')
+    positions = np.array([parse_utm(p) for p in db_paths])
+    builder = MapBuilder(default_model)
+    for i, path in enumerate(db_paths):
+        pose = Pose(float(positions[i, 0]), float(positions[i, 1]), 0.0)
+        assert builder.offer(Frame(load_image(path), i * 10**9, pose=pose))
+    builder.flush()
+    conf = {'sequence': {'length': 3, 'exclusion_window': 1, 'top_k': 20}}
+    relocalizer = Relocalizer(default_model, builder.database, {**conf, 'mode': 'sequence'})
+    expected = [relocalizer.relocalize(load_image(p)).hypotheses for p in query_paths]
+
+    positives = [[i] for i in range(PLACES)]
+    result = evaluate(
+        default_model,
+        db_paths,
+        query_paths,
+        positives,
+        conf,
+        methods=[SEQUENCE],
+        reference_positions=positions,
+        progress=False,
+    )
+    method = result.methods[SEQUENCE]
+    for row, hypotheses in enumerate(expected):
+        indices = [h.place_index for h in hypotheses]
+        assert len(indices) > 1
+        assert method.predictions[row, : len(indices)].tolist() == indices
+        assert (method.predictions[row, len(indices) :] == -1).all()
+        assert method.confidences[row] == pytest.approx(hypotheses[0].confidence, abs=1e-12)
+    assert method.correct.all()
+
+
+def test_method_confs_derive_each_method_from_the_base_settings() -> None:
+    base = RelocalizationConf(top_k=8, rerank_k=4, sequence={'length': 7})
+    confs = method_confs(base, [RETRIEVAL, RERANKED, SEQUENCE], ns=(1, 30))
+    assert (confs[RETRIEVAL].mode, confs[RETRIEVAL].rerank_k) == ('single', 0)
+    assert (confs[RERANKED].mode, confs[RERANKED].rerank_k) == ('single', 4)
+    assert confs[SEQUENCE].mode == 'sequence'
+    # The sequence matcher answers as deep as the largest N; its own settings are kept.
+    assert (confs[SEQUENCE].sequence.top_k, confs[SEQUENCE].sequence.length) == (30, 7)
+    assert list(method_confs(base.replace(rerank_k=0), [RETRIEVAL, RERANKED])) == [RETRIEVAL]
+    with pytest.raises(ConfigError, match="unknown evaluation method 'seqslam'"):
+        method_confs(base, ['seqslam'])
+
+
+def test_evaluate_runs_any_settings_as_a_method_and_ranks_retrieval_after_the_head(
+    dataset: Path, default_model
+) -> None:
+    db_paths = list_images(dataset / 'aligned/db')
+    query_paths = list_images(dataset / 'aligned/queries')
+    strict = RelocalizationConf(top_k=5, rerank_k=2, min_similarity=0.5)
+    result = evaluate(
+        default_model,
+        db_paths,
+        query_paths,
+        [[i] for i in range(PLACES)],
+        methods={'strict-mnn': strict, 'plain': strict.replace(rerank_k=0)},
+        progress=False,
+    )
+    assert list(result.methods) == ['strict-mnn', 'plain']
+    assert result.conf['methods']['strict-mnn']['min_similarity'] == 0.5
+    plain, strict_mnn = result.methods['plain'], result.methods['strict-mnn']
+    assert plain.predictions.shape == strict_mnn.predictions.shape == (PLACES, 5)
+    for row_plain, row_strict in zip(plain.predictions, strict_mnn.predictions):
+        assert sorted(row_strict[:2]) == sorted(row_plain[:2])
+        assert row_strict[2:].tolist() == row_plain[2:].tolist()
+
+
+def test_evaluate_reports_retrieval_alone_on_a_map_without_local_features(
+    dataset: Path, default_model, caplog: pytest.LogCaptureFixture
+) -> None:
+    db_paths = list_images(dataset / 'aligned/db')
+    full = build_reference_database(default_model, db_paths, progress=False)
+    database = PlaceDatabase(full.model, full.global_descriptors, full.places)
+    result = evaluate(
+        default_model,
+        database,
+        list_images(dataset / 'aligned/queries'),
+        [[i] for i in range(PLACES)],
+        progress=False,
+    )
+    assert list(result.methods) == [RETRIEVAL] and result.conf['rerank_k'] == 0
+    assert "not evaluating 'reranked'" in caplog.text and 'local features' in caplog.text
 
 
 def test_evaluate_cli_reports_sequence_matching_beside_single_frames(
@@ -538,7 +416,7 @@ def test_evaluate_cli_runs_sequences_over_every_query_not_only_those_with_a_posi
     assert off_route[1] == '' and off_route[3] == '0'  # no positive: never correct
 
 
-def test_evaluate_cli_runs_patch_normalised_sequences_without_a_model(
+def test_evaluate_cli_runs_patch_normalised_sequences_alone(
     dataset: Path, capsys: pytest.CaptureFixture
 ) -> None:
     code = evaluate_main(
@@ -564,9 +442,12 @@ def test_evaluate_cli_runs_patch_normalised_sequences_without_a_model(
             ['--gt', 'aligned', '--db-images', 'DB', '--mode', 'both', '--limit', '5'],
             'breaks sequences',
         ),
+        (['--gt', 'csv', '--db-images', 'DB'], 'needs a file: --gt csv:data.csv'),
+        (['--gt', 'folder:x.csv', '--db-images', 'DB'], "unknown --gt 'folder:x.csv'"),
+        (['--gt', 'utm', '--db-images', 'DB', '--radius-m', '-1'], 'radius_m must be >= 0'),
         (
-            ['--gt', 'utm', '--map', 'MAP', '--mode', 'sequence'],
-            'use --sequence-descriptor global',
+            ['--gt', 'aligned', '--db-images', 'DB', '--methods', 'sequence', '--limit', '5'],
+            'breaks sequences',
         ),
         (
             ['--gt', 'aligned', '--db-images', 'DB', '--mode', 'both', '--sequence-length', '0'],
@@ -596,3 +477,91 @@ def test_evaluate_cli_refuses_a_pickled_vprbench_file(
     )
     assert code == 1
     assert 'pickled object array' in capsys.readouterr().err
+
+
+def test_evaluate_cli_scores_a_route_with_a_pose_table(dataset: Path, tmp_path: Path) -> None:
+    # One route folder with db/ and queries/ and a hand-written data.csv (campus_route's
+    # format, no header): references every 100 m, each query 3 m from its own. The file
+    # names repeat across db/ and queries/, so the rows name them by their relative path.
+    route = tmp_path / 'route'
+    shutil.copytree(dataset / 'aligned/db', route / 'db')
+    shutil.copytree(dataset / 'aligned/queries', route / 'queries')
+    lines = [f'db/frame{i:03d}.png,{SPACING_M * i},0,0' for i in range(PLACES)]
+    lines += [f'queries/frame{i:03d}.png,{SPACING_M * i + 3},0,1.5' for i in range(PLACES)]
+    (route / 'data.csv').write_text('\n'.join(lines) + '\n')
+    code = evaluate_main(
+        [
+            *('--db-images', str(route), '--db-glob', 'db/*', '--queries', str(route)),
+            *('--query-glob', 'queries/*', '--gt', f'csv:{route / "data.csv"}'),
+            *('--radius-m', '5', '--top-k', '3', '--out', str(tmp_path / 'out'), '--no-progress'),
+        ]
+    )
+    assert code == 0
+    results = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert results['num_queries'] == PLACES and results['args']['radius_m'] == 5
+    for name in (RETRIEVAL, RERANKED):
+        assert results['methods'][name]['recall_at_n']['R@1'] == 1.0
+    rows = (tmp_path / 'out' / 'per_query.csv').read_text().splitlines()[1:]
+    assert [row.split(',')[:2] for row in rows] == [
+        [f'queries/frame{i:03d}.png', str(i)] for i in range(PLACES)
+    ]
+
+
+def test_evaluate_cli_finds_pose_table_rows_by_file_name(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # A data.csv per traverse, as campus_route has: the file names are the keys.
+    root = dataset / 'aligned'
+    db_table = tmp_path / 'poses.csv'
+    db_table.write_text(
+        'file,x,y\n' + ''.join(f'frame{i:03d}.png,{SPACING_M * i},0\n' for i in range(PLACES))
+    )
+    code = evaluate_main(
+        [
+            *('--db-images', str(root / 'db'), '--queries', str(root / 'queries')),
+            *('--gt', f'csv:{db_table}', '--radius-m', '10', '--rerank-k', '0'),
+            *('--methods', 'sequence', 'retrieval', '--sequence-length', '2'),
+            *('--out', str(tmp_path / 'out'), '--no-progress'),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert list(results['methods']) == [SEQUENCE, RETRIEVAL]
+    assert results['args']['gt'] == f'csv:{db_table}' and results['args']['radius_m'] == 10
+    for method in results['methods'].values():
+        assert method['recall_at_n']['R@1'] == 1.0
+    rows = (tmp_path / 'out' / 'per_query.csv').read_text().splitlines()
+    assert rows[0].split(',')[:2] == ['query', 'positives'] and len(rows) == PLACES + 1
+    assert [row.split(',')[1] for row in rows[1:]] == [str(i) for i in range(PLACES)]
+
+
+def test_evaluate_cli_refuses_patch_normalised_sequences_on_a_map_without_them(
+    dataset: Path, tmp_path: Path, default_model, capsys: pytest.CaptureFixture
+) -> None:
+    db_paths = list_images(dataset / 'utm/db')
+    positions = np.array([parse_utm(p) for p in db_paths])
+    full = build_reference_database(default_model, db_paths, positions=positions)
+    PlaceDatabase(full.model, full.global_descriptors, full.places).save(tmp_path / 'map')
+    folders = ['--queries', str(dataset / 'utm/queries'), '--gt', 'utm', '--no-progress']
+    code = evaluate_main(['--map', str(tmp_path / 'map'), *folders, '--mode', 'sequence'])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert 'needs a map built with sequence descriptors' in err and "'global'" in err
+    code = evaluate_main(
+        ['--map', str(tmp_path / 'map'), *folders, '--mode', 'sequence']
+        + ['--sequence-descriptor', 'global']
+    )
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(SEQUENCE)
+
+
+def test_importing_the_evaluate_command_leaves_torch_for_the_run() -> None:
+    # --help and mistakes in the flags must answer at once: no torch, faiss or scipy yet.
+    code = (
+        'import sys, vpr_ros.cli.evaluate as e; e.make_parser(); '
+        "print(sorted(m for m in ('torch', 'faiss', 'scipy', 'timm') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == '[]'

@@ -1,65 +1,135 @@
-"""Evaluation of place recognition against ground truth, ROS-free.
+"""The evaluation runner: every method through the relocalization pipeline, then scored.
 
-A reference (a map, or a folder of reference images that is turned into an in-memory map)
-is matched with query images through the shipped pipeline (``Relocalizer.match``), once
-with retrieval only (``rerank_k = 0``) and once with the configured re-ranking, and each
-of those *methods* is scored:
+A reference (a map, or reference image files that ``build_reference_database`` turns into
+an in-memory map the way build_map makes maps) is matched with query images. A *method* is
+a name and the ``RelocalizationConf`` it runs with. Each query image is described once
+(the model, a batch of one, as in the node) and that one description is fed to every
+method's ``Relocalizer.relocalize_described``, query after query in the given order: a
+sequence method sees every frame, including the queries without a positive. A method's
+ranking is its hypotheses followed by the other places retrieval found (so that Recall@N
+reaches past a re-ranked head), at most ``ranking_depth`` places.
 
-* Recall@N (cumulative): a query counts at N if any of its first N predictions is a
-  positive (a reference place that shows the same place); over the queries that have a
-  positive;
-* the precision-recall curve of the top-1 answer thresholded on its confidence, and the
-  recall at 100 % precision (the fraction of the queries with a positive accepted, all
-  correctly, at the best threshold that accepts no wrong answer). Queries without a
-  positive (e.g. off the mapped route) count here too: accepting one is a wrong answer;
-* per-query latency (query extraction + matching; image decoding excluded), median and
-  95th percentile.
+Each method is scored by ``vpr_ros.results.summarize`` (Recall@N over the queries with a
+positive, unknown beyond the places a method returns; the precision-recall curve of its
+top-1 answer thresholded on the confidence and the recall at 100 % precision, where an
+accepted answer to a query without a positive is wrong; latency = the query's extraction
++ the method's matching). Ground truth comes from ``vpr_ros.ground_truth``.
 
-Ground truth is a list with, for each query, the array of positive reference indices. It
-comes from one of:
+Adding a method (the hook). ``METHODS`` maps each name to a function that derives the
+method's settings from the run's base settings (None: the method does not apply, e.g. no
+re-ranking when ``rerank_k`` is 0); ``method_confs`` resolves names, ``evaluate`` takes
+names or a ready ``{name: RelocalizationConf}``, and ``evaluate --methods`` offers every
+name. Anything the pipeline runs can be evaluated this way:
 
-* ``positives_from_utm``: ``@east@north@`` in the file names (the gmberton/VPR-methods
-  convention), positives within ``radius_m`` (25 m as in the common benchmarks);
-  ``positives_within_radius`` does the same from coordinates (e.g. map poses);
-* ``positives_from_vprbench``: VPR-Bench style ground truth, read without pickle;
-* ``positives_frame_aligned``: frame-aligned traverses (same name = same place, +-k frames);
-* ``positives_same_folder``: same leading folder(s) = same place.
+* another re-ranker: register it in ``vpr_ros.rerank.RERANKERS``, then
+  ``METHODS['reranked-x'] = lambda conf: conf.replace(reranker='x')`` (or simply run
+  ``evaluate --reranker x``);
+* another mode, e.g. a filter over places: register its evidence in
+  ``vpr_ros.evidence.EVIDENCE`` (a new ``RelocalizationConf.mode``), then
+  ``METHODS['filter'] = lambda conf: conf.replace(mode='filter')``; if it answers with a
+  depth other than ``top_k``, say so in ``ranking_depth``.
 
-Sequence matching (``vpr_ros.sequence``) is a third method: ``evaluate_sequence`` feeds
-the queries, in their order, to a ``SequenceMatcher`` over the reference's keyframe order
-(``traverse`` ids of a map) and scores its answers the same way; descriptors are either
-the model's global descriptors (``result.query_globals`` and the map's) or the cheap
-patch-normalised images (``sequence_descriptors``). Any other mode plugs in the same way:
-produce top-K predictions (Q, K), a top-1 confidence (Q,) and per-query latencies (Q,),
-then ``result.add_method(summarize(name, predictions, confidences, result.positives,
-latencies_s, num_db=result.num_db))``; the table, ``results.json`` and the PR plot then
-include it.
+The text table, ``results.json``, ``per_query.csv`` and the PR plot cover every method run.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from vpr_ros import logger
-from vpr_ros.database import PLACE_DTYPE, PlaceDatabase
-from vpr_ros.extraction import Extractor
+from vpr_ros.database import PlaceDatabase
+from vpr_ros.errors import ConfigError, DatabaseError
 from vpr_ros.ground_truth import require_a_positive
 from vpr_ros.imagefolders import load_image
 from vpr_ros.metrics import DEFAULT_RECALL_NS
-from vpr_ros.models.base import VprModel
-from vpr_ros.relocalization import RelocalizationConf, Relocalizer
+from vpr_ros.relocalization import RelocalizationConf, RelocalizationResult, Relocalizer
 from vpr_ros.results import EvaluationResult, MethodResult, summarize
 from vpr_ros.runtime import set_num_threads
+from vpr_ros.sequence import SequenceConf, as_sequence_conf
+from vpr_ros.types import Frame, Pose
+
+if TYPE_CHECKING:
+    from vpr_ros.extraction import Descriptors
+    from vpr_ros.models.base import VprModel
 
 RETRIEVAL = 'retrieval'
 RERANKED = 'reranked'
 SEQUENCE = 'sequence'
+
+
+def _retrieval(conf: RelocalizationConf) -> RelocalizationConf:
+    """Single frames ranked by global similarity alone."""
+    return conf.replace(mode='single', rerank_k=0)
+
+
+def _reranked(conf: RelocalizationConf) -> RelocalizationConf | None:
+    """Single frames, the best ``rerank_k`` re-ranked by ``conf.reranker``."""
+    return conf.replace(mode='single') if conf.rerank_k > 0 else None
+
+
+def _sequence(conf: RelocalizationConf) -> RelocalizationConf:
+    """Sequence matching along the reference's keyframe order (``conf.sequence``)."""
+    return conf.replace(mode='sequence')
+
+
+METHODS: dict[str, Callable[[RelocalizationConf], RelocalizationConf | None]] = {
+    RETRIEVAL: _retrieval,
+    RERANKED: _reranked,
+    SEQUENCE: _sequence,
+}
+"""Methods by name: base settings -> the method's settings (None: not applicable)."""
+
+SINGLE_FRAME_METHODS = (RETRIEVAL, RERANKED)
+
+
+def method_confs(
+    conf: RelocalizationConf | Mapping[str, Any] | None,
+    names: Iterable[str] = SINGLE_FRAME_METHODS,
+    *,
+    ns: Sequence[int] = DEFAULT_RECALL_NS,
+) -> dict[str, RelocalizationConf]:
+    """The settings of each named method (``METHODS``), derived from ``conf``.
+
+    Methods that do not apply are left out. A sequence matcher is asked for ``max(ns)``
+    answers, so that Recall@N is known up to the largest N.
+
+    Raises:
+        ConfigError: an unknown name, or bad settings.
+    """
+    if not isinstance(conf, RelocalizationConf):
+        conf = RelocalizationConf.from_dict(conf)
+    base = conf.replace(**{'sequence.top_k': int(max(ns))})
+    out: dict[str, RelocalizationConf] = {}
+    for name in names:
+        if name not in METHODS:
+            raise ConfigError(f'unknown evaluation method {name!r}; known: {list(METHODS)}')
+        derived = METHODS[name](base)
+        if derived is not None:
+            out[name] = derived
+    return out
+
+
+def ranking_depth(conf: RelocalizationConf) -> int:
+    """How many places a method asks for: ``top_k``, or ``sequence.top_k`` in sequence mode
+    (Recall@N beyond it is unknown unless the reference is that small)."""
+    return conf.sequence.top_k if conf.mode == 'sequence' else conf.top_k
+
+
+def ranking(result: RelocalizationResult, depth: int) -> list[int]:
+    """A method's ranked place indices: its hypotheses, then the other retrieved places."""
+    head = [h.place_index for h in result.hypotheses]
+    seen = set(head)
+    tail = [int(i) for i in result.candidates if int(i) not in seen]
+    return (head + tail)[:depth]
+
+
+# -- the reference --------------------------------------------------------------------------
 
 
 def build_reference_database(
@@ -67,50 +137,170 @@ def build_reference_database(
     images: Sequence[str | os.PathLike],
     *,
     positions: np.ndarray | None = None,
+    sequence: SequenceConf | Mapping[str, Any] | None = None,
     batch_size: int = 8,
     num_threads: int | None = None,
     progress: bool = True,
 ) -> PlaceDatabase:
     """An in-memory map of reference images, one place per image, in the given order.
 
+    Made by ``mapping.MapBuilder``, as build_map makes maps: global descriptors, local
+    features and patch-normalised sequence descriptors, one traverse in image order (the
+    keyframe order sequence matching follows).
+
     Args:
         model: the model.
         images: image files.
-        positions: (N, 2) east/north metres, or None (the map then has no poses and every
-            other candidate competes in the confidences).
+        positions: (N, 2) x, y metres (e.g. east/north), or None (the map then has no
+            poses and every other candidate competes in the confidences).
+        sequence: sequence settings whose image settings (``image_size``, ``patch``) the
+            sequence descriptors are made with (None: the defaults).
         batch_size: images per forward pass.
         num_threads: torch threads.
         progress: show a progress bar.
     """
-    extractor = Extractor(model, batch_size=batch_size, num_threads=num_threads)
+    from vpr_ros.mapping import BuildConf, MapBuilder
+
     count = len(images)
-    identity = model.identity()
-    places = np.zeros(count, PLACE_DTYPE)
-    places['place_id'] = np.arange(count)
-    places['msg_index'] = np.arange(count)
-    places['source'] = [str(p) for p in images]
-    for key in ('x', 'y', 'z', 'qx', 'qy', 'qz', 'qw'):
-        places[key] = np.nan
     if positions is not None:
         positions = np.asarray(positions, np.float64).reshape(count, 2)
-        places['x'], places['y'] = positions[:, 0], positions[:, 1]
-        places['z'], places['qx'], places['qy'], places['qz'], places['qw'] = 0, 0, 0, 0, 1
-    globals_ = np.zeros((count, identity.global_dim), np.float32)
-    locals_: np.ndarray | None = None
-    bar = tqdm(total=count, desc='reference', unit='img', disable=not progress)
-    start = 0
-    for batch in extractor.extract_stream(load_image(p) for p in images):
-        end = start + len(batch)
-        globals_[start:end] = batch.global_descriptors
-        if locals_ is None:
-            locals_ = np.zeros((count, *batch.local_features.shape[1:]), np.float16)
-        locals_[start:end] = batch.local_features
-        start = end
-        bar.update(len(batch))
-    bar.close()
-    if locals_ is None:
-        locals_ = np.zeros((0, 0, identity.local_dim), np.float16)
-    return PlaceDatabase(identity, globals_, places, locals_)
+    sequence = as_sequence_conf(sequence)
+    conf = BuildConf.from_dict(
+        {
+            # Every image is a place: the frames are 1 s apart and a keyframe is due every
+            # second (and every posed frame has moved >= 0 m).
+            'max_interval_s': 1.0,
+            'min_distance_m': 0.0,
+            'batch_size': batch_size,
+            'sequence_image_size': sequence.image_size,
+            'sequence_patch': sequence.patch,
+        }
+    )
+    builder = MapBuilder(model, conf, num_threads=num_threads)
+    for i, path in enumerate(tqdm(images, desc='reference', unit='img', disable=not progress)):
+        pose = None
+        if positions is not None:
+            pose = Pose(float(positions[i, 0]), float(positions[i, 1]), 0.0)
+        frame = Frame(load_image(path), i * 10**9, pose=pose, source=str(path), msg_index=i)
+        kept = builder.offer(frame)
+        assert kept, 'every reference image is a keyframe'
+    builder.flush()
+    return builder.database
+
+
+# -- running the methods --------------------------------------------------------------------
+
+
+class DescribedQuery(NamedTuple):
+    """One query as every method receives it: the RGB image (None when only descriptors
+    are known), its descriptors (a batch of one) and the seconds describing it took."""
+
+    image: np.ndarray | None
+    descriptors: Descriptors
+    extract_s: float
+
+
+def describe_queries(
+    relocalizer: Relocalizer, paths: Iterable[str | os.PathLike]
+) -> Iterator[DescribedQuery]:
+    """Each query image loaded (decoding not timed) and described once."""
+    for path in paths:
+        image = load_image(path)
+        started = time.perf_counter()
+        descriptors = relocalizer.describe(image)
+        yield DescribedQuery(image, descriptors, time.perf_counter() - started)
+
+
+def make_relocalizers(
+    model: VprModel,
+    database: PlaceDatabase,
+    methods: Mapping[str, RelocalizationConf],
+    *,
+    num_threads: int | None = None,
+) -> dict[str, Relocalizer]:
+    """One ``Relocalizer`` per method; a method whose re-ranker the map cannot serve (e.g.
+    a map without local features) is left out with a warning.
+
+    Raises:
+        DatabaseError: the map was built by another model.
+        ConfigError: no method is left, or a method's mode cannot run on the map.
+    """
+    database.check_model(model.identity())
+    relocalizers: dict[str, Relocalizer] = {}
+    for name, conf in methods.items():
+        try:
+            relocalizers[name] = Relocalizer(model, database, conf, num_threads=num_threads)
+        except DatabaseError as err:
+            logger.warning('not evaluating %r: %s', name, err)
+    if not relocalizers:
+        raise ConfigError(f'none of the methods {list(methods)!r} can run on this reference')
+    return relocalizers
+
+
+class MethodRuns(NamedTuple):
+    """What ``run_methods`` measured: each method's scores, and per query the extraction
+    seconds and the global descriptor (every method used the same description)."""
+
+    methods: dict[str, MethodResult]
+    extract_latencies_s: np.ndarray
+    query_globals: np.ndarray
+
+
+def run_methods(
+    relocalizers: Mapping[str, Relocalizer],
+    queries: Iterable[DescribedQuery],
+    positives: Sequence[Iterable[int]],
+    *,
+    num_db: int,
+    ns: Sequence[int] = DEFAULT_RECALL_NS,
+    progress: bool = False,
+) -> MethodRuns:
+    """Feed every query, in order, to every method, and score each method.
+
+    Args:
+        relocalizers: the methods.
+        queries: the described queries, in the order they were taken (one per positives
+            entry).
+        positives: for each query, its positive reference indices (may be empty).
+        num_db: the reference size.
+        ns: the N of Recall@N.
+        progress: show a progress bar.
+    """
+    count = len(positives)
+    rankings: dict[str, list[list[int]]] = {name: [] for name in relocalizers}
+    confidences = {name: np.zeros(count) for name in relocalizers}
+    latencies = {name: np.zeros(count) for name in relocalizers}
+    extract_s = np.zeros(count)
+    query_globals = np.zeros((count, 0), np.float32)
+    row = -1
+    bar = tqdm(queries, total=count, desc='queries', unit='img', disable=not progress)
+    for row, query in enumerate(bar):
+        if row >= count:
+            raise ValueError(f'more queries than the {count} ground-truth entries')
+        query_global = query.descriptors.global_descriptors[0]
+        if row == 0:
+            query_globals = np.zeros((count, len(query_global)), np.float32)
+        query_globals[row] = query_global
+        extract_s[row] = query.extract_s
+        for name, relocalizer in relocalizers.items():
+            started = time.perf_counter()
+            result = relocalizer.relocalize_described(query.image, query.descriptors)
+            latencies[name][row] = query.extract_s + time.perf_counter() - started
+            rankings[name].append(ranking(result, ranking_depth(relocalizer.conf)))
+            best = result.best
+            confidences[name][row] = best.confidence if best is not None else 0.0
+    if row + 1 != count:
+        raise ValueError(f'{row + 1} queries for {count} ground-truth entries')
+    methods = {}
+    for name, relocalizer in relocalizers.items():
+        depth = max([ranking_depth(relocalizer.conf), *(len(r) for r in rankings[name])])
+        predictions = np.full((count, depth), -1, np.int64)
+        for q, ranked in enumerate(rankings[name]):
+            predictions[q, : len(ranked)] = ranked
+        methods[name] = summarize(
+            name, predictions, confidences[name], positives, latencies[name], num_db=num_db, ns=ns
+        )
+    return MethodRuns(methods, extract_s, query_globals)
 
 
 def evaluate(
@@ -120,6 +310,7 @@ def evaluate(
     positives: Sequence[Iterable[int]],
     conf: RelocalizationConf | Mapping[str, Any] | None = None,
     *,
+    methods: Iterable[str] | Mapping[str, RelocalizationConf] = SINGLE_FRAME_METHODS,
     query_names: Sequence[str] | None = None,
     reference_positions: np.ndarray | None = None,
     ns: Sequence[int] = DEFAULT_RECALL_NS,
@@ -127,23 +318,20 @@ def evaluate(
     num_threads: int | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Match ``queries`` against ``reference`` with the shipped pipeline and score it.
-
-    Each query is extracted once (batch of one, as the node does) and matched twice with
-    ``Relocalizer.match``: retrieval only (``rerank_k = 0``) and with the configured
-    re-ranking (skipped when ``rerank_k`` is 0 or the map has no local features). The
-    re-ranked method's predictions are the re-ranked head followed by the rest of the
-    retrieval list.
+    """Match ``queries`` against ``reference`` with every method and score each.
 
     Args:
         model: the model (for a map: the one it was built with).
-        reference: a map, or reference image files (extracted into an in-memory map).
-        queries: query image files.
+        reference: a map, or reference image files (made into an in-memory map,
+            ``build_reference_database``).
+        queries: query image files, in the order they were taken.
         positives: for each query, its positive reference indices (map place indices).
             Queries without a positive are matched like the others (so a sequence sees
             the whole run) but left out of Recall@N; in the precision-recall curve their
             answer is wrong if accepted (see ``summarize``).
-        conf: relocalization settings (or a mapping of overrides of the defaults).
+        conf: the base relocalization settings (or a mapping of overrides of the defaults).
+        methods: ``METHODS`` names, derived from ``conf`` (``method_confs``), or ready
+            settings by name.
         query_names: names for the report (default: the paths).
         reference_positions: (N, 2) metres for reference images (ignored for a map).
         ns: the N of Recall@N.
@@ -152,24 +340,31 @@ def evaluate(
         progress: show progress bars.
 
     Raises:
-        ConfigError: no query has a positive (checked before any extraction).
+        ConfigError: no query has a positive (checked before any extraction), an unknown
+            method, or a method the reference cannot serve.
     """
     if not isinstance(conf, RelocalizationConf):
         conf = RelocalizationConf.from_dict(conf)
-    positives = [np.asarray(sorted(set(int(i) for i in p)), np.int64) for p in positives]
-    if len(positives) != len(queries):
-        raise ValueError(f'{len(positives)} ground-truth entries for {len(queries)} queries')
+    if isinstance(methods, Mapping):
+        confs = dict(methods)
+    else:
+        confs = method_confs(conf, methods, ns=ns)
+    positive_rows = [np.asarray(sorted(set(int(i) for i in p)), np.int64) for p in positives]
+    if len(positive_rows) != len(queries):
+        msg = f'{len(positive_rows)} ground-truth entries for {len(queries)} queries'
+        raise ValueError(msg)
     names = [str(n) for n in (query_names if query_names is not None else queries)]
     set_num_threads(num_threads)
-    if conf.top_k < max(ns):
+    shallow = [n for n, c in confs.items() if ranking_depth(c) < max(ns)]
+    if shallow:
         logger.warning(
-            'top_k=%d < %d: Recall@N for larger N is only known when the reference is '
-            'that small; raise top_k to report it',
-            conf.top_k,
+            '%s rank fewer than %d places (top_k): Recall@N for larger N is only known when '
+            'the reference is that small; raise top_k to report it',
+            shallow,
             max(ns),
         )
-    require_a_positive(positives)
-    skipped = [names[q] for q, p in enumerate(positives) if not len(p)]
+    require_a_positive(positive_rows)
+    skipped = [names[q] for q, p in enumerate(positive_rows) if not len(p)]
     if skipped:
         logger.warning(
             '%d of %d queries have no positive in the reference: matched, left out of '
@@ -187,77 +382,36 @@ def evaluate(
             model,
             list(reference),
             positions=reference_positions,
+            sequence=conf.sequence,
             batch_size=batch_size,
             num_threads=num_threads,
             progress=progress,
         )
         reference_seconds = time.perf_counter() - started
-    top_k = conf.top_k
-    plain = Relocalizer(
-        model, database, conf.replace(rerank_k=0, mode='single'), num_threads=num_threads
-    )
-    rerank_k = min(conf.rerank_k, top_k)
-    reranker = None
-    if rerank_k > 0 and database.local_features is not None and len(database):
-        reranker = Relocalizer(
-            model, database, conf.replace(mode='single'), num_threads=num_threads
-        )
-    elif rerank_k > 0:
-        logger.warning('the map has no local features: reporting retrieval only')
-    count = len(queries)
-    predictions = {RETRIEVAL: np.full((count, top_k), -1, np.int64)}
-    confidences = {RETRIEVAL: np.zeros(count)}
-    latencies = {RETRIEVAL: np.zeros(count)}
-    if reranker is not None:
-        predictions[RERANKED] = np.full((count, top_k), -1, np.int64)
-        confidences[RERANKED] = np.zeros(count)
-        latencies[RERANKED] = np.zeros(count)
-    extract_s = np.zeros(count)
-    query_globals = np.zeros((count, database.model.global_dim), np.float32)
-    for row, path in enumerate(tqdm(queries, desc='queries', unit='img', disable=not progress)):
-        image = load_image(path)
-        started = time.perf_counter()
-        descriptors = plain.describe(image)
-        extracted = time.perf_counter()
-        g, local = descriptors.global_descriptors[0], descriptors.local_features[0]
-        retrieved = plain.match(g, local).hypotheses
-        matched = time.perf_counter()
-        extract_s[row] = extracted - started
-        query_globals[row] = g
-        ids = [h.place_index for h in retrieved]
-        predictions[RETRIEVAL][row, : len(ids)] = ids
-        confidences[RETRIEVAL][row] = retrieved[0].confidence if retrieved else 0.0
-        latencies[RETRIEVAL][row] = matched - started
-        if reranker is not None:
-            started = time.perf_counter()
-            reranked = reranker.match(g, local).hypotheses
-            latencies[RERANKED][row] = extract_s[row] + time.perf_counter() - started
-            head = [h.place_index for h in reranked]
-            in_head = set(head)
-            ordered = head + [i for i in ids if i not in in_head]
-            predictions[RERANKED][row, : len(ordered)] = ordered
-            confidences[RERANKED][row] = reranked[0].confidence if reranked else 0.0
-    methods = {
-        name: summarize(
-            name,
-            predictions[name],
-            confidences[name],
-            positives,
-            latencies[name],
-            num_db=len(database),
-            ns=ns,
-        )
-        for name in predictions
-    }
-    return EvaluationResult(
-        methods=methods,
-        query_names=names,
-        positives=positives,
+    relocalizers = make_relocalizers(model, database, confs, num_threads=num_threads)
+    describer = next(iter(relocalizers.values()))
+    runs = run_methods(
+        relocalizers,
+        describe_queries(describer, queries),
+        positive_rows,
         num_db=len(database),
-        conf={**conf.to_dict(), 'rerank_k': rerank_k if reranker is not None else 0},
+        ns=ns,
+        progress=progress,
+    )
+    rerank_k = conf.rerank_k if RERANKED in relocalizers else 0
+    return EvaluationResult(
+        methods=runs.methods,
+        query_names=names,
+        positives=positive_rows,
+        num_db=len(database),
+        conf={
+            **conf.to_dict(),
+            'rerank_k': rerank_k,
+            'methods': {name: r.conf.to_dict() for name, r in relocalizers.items()},
+        },
         database=database,
-        query_globals=query_globals,
-        extract_latencies_s=extract_s,
+        query_globals=runs.query_globals,
+        extract_latencies_s=runs.extract_latencies_s,
         reference_extraction_s=reference_seconds,
         skipped_queries=skipped,
         info={'model': database.model.to_dict()},
@@ -271,100 +425,3 @@ def evenly_spaced(count: int, limit: int | None) -> np.ndarray:
     if limit < 1:
         raise ValueError(f'limit must be >= 1, got {limit!r}')
     return np.unique(np.linspace(0, count - 1, limit).round().astype(np.int64))
-
-
-# -- sequence matching ----------------------------------------------------------------------
-
-
-def sequence_descriptors(
-    images: Sequence[str | os.PathLike],
-    conf: dict | None = None,
-    *,
-    desc: str = 'sequence descriptors',
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Patch-normalised image descriptors (``vpr_ros.sequence``) of image files, one by one.
-
-    Args:
-        images: image files.
-        conf: sequence settings (``DEFAULT_SEQUENCE_CONF`` keys; ``descriptor`` must be
-            ``'patch_norm'``).
-        desc: progress bar label.
-        progress: show a progress bar.
-
-    Returns:
-        descriptors (N, D) float32 and the time each took (N,) in seconds (decoding
-        excluded).
-    """
-    from vpr_ros.sequence import sequence_image_descriptors
-
-    out: np.ndarray | None = None
-    seconds = np.zeros(len(images))
-    for i, path in enumerate(tqdm(images, desc=desc, unit='img', disable=not progress)):
-        image = load_image(path)
-        started = time.perf_counter()
-        descriptor = sequence_image_descriptors([image], conf)[0]
-        seconds[i] = time.perf_counter() - started
-        if out is None:
-            out = np.zeros((len(images), len(descriptor)), np.float32)
-        out[i] = descriptor
-    return (out if out is not None else np.zeros((0, 0), np.float32)), seconds
-
-
-def evaluate_sequence(
-    query_descriptors: np.ndarray,
-    map_descriptors: np.ndarray,
-    positives: Sequence[Iterable[int]],
-    conf: dict | None = None,
-    *,
-    traverse_ids: np.ndarray | None = None,
-    place_xyz: np.ndarray | None = None,
-    descriptor_latencies_s: np.ndarray | None = None,
-    ns: Sequence[int] = DEFAULT_RECALL_NS,
-    name: str = SEQUENCE,
-    progress: bool = True,
-) -> MethodResult:
-    """Score sequence matching: the queries, in order, through one ``SequenceMatcher``.
-
-    Every query is scored as the matcher answers it online (causal: from the frames up to
-    it), so the first frames of the run have little sequence to go on. Predictions are the
-    matcher's top matches, one per exclusion window (``top_k`` defaults to ``max(ns)``).
-
-    Args:
-        query_descriptors: (Q, D) query descriptors, in the order they were taken.
-        map_descriptors: (N, D) reference descriptors of the same kind, in keyframe order
-            within each traverse.
-        positives: for each query, its positive reference indices.
-        conf: sequence settings (``vpr_ros.sequence.DEFAULT_SEQUENCE_CONF`` keys).
-        traverse_ids: (N,) traverse of each place (default: one traverse).
-        place_xyz: (N, 2 or 3) place positions in metres, or None.
-        descriptor_latencies_s: (Q,) time to describe each query, added to its latency.
-        ns: the N of Recall@N.
-        name: the method's label.
-        progress: show a progress bar.
-    """
-    from vpr_ros.sequence import SequenceMatcher, as_sequence_conf
-
-    conf = as_sequence_conf(conf).replace(top_k=int(max(ns)))
-    matcher = SequenceMatcher(map_descriptors, traverse_ids, conf, place_xyz=place_xyz)
-    count = len(query_descriptors)
-    predictions = np.full((count, matcher.conf.top_k), -1, np.int64)
-    confidences = np.zeros(count)
-    latencies = np.zeros(count)
-    for i, query in enumerate(tqdm(query_descriptors, desc=name, disable=not progress)):
-        started = time.perf_counter()
-        matches = matcher.update(query)
-        latencies[i] = time.perf_counter() - started
-        predictions[i, : len(matches)] = [m.place_index for m in matches]
-        confidences[i] = matches[0].confidence if matches else 0.0
-    if descriptor_latencies_s is not None:
-        latencies += np.asarray(descriptor_latencies_s, np.float64).reshape(-1)
-    return summarize(
-        name,
-        predictions,
-        confidences,
-        positives,
-        latencies,
-        num_db=len(map_descriptors),
-        ns=ns,
-    )

@@ -1,30 +1,48 @@
 """Ground truth: which reference places are positives of each query.
 
-Ground truth is a list with, for each query, the array of positive reference indices. It
-comes from one of:
+Ground truth is a list with, for each query, the array of positive reference indices
+(reference images in listing order, or map places in map order). ``GROUND_TRUTHS`` maps
+the kinds ``evaluate --gt`` offers to their loaders; ``load_ground_truth`` runs one. The
+kinds and the functions behind them:
 
-* ``positives_from_utm``: ``@east@north@`` in the file names (the gmberton/VPR-methods
-  convention), positives within ``radius_m`` (25 m as in the common benchmarks);
-  ``positives_within_radius`` does the same from coordinates (e.g. map poses);
-* ``positives_from_vprbench``: VPR-Bench style ground truth, read without pickle;
-* ``positives_frame_aligned``: frame-aligned traverses (same name = same place, +-k frames);
-* ``positives_same_folder``: same leading folder(s) = same place.
+* ``utm``: ``@east@north@`` in the file names (the gmberton/VPR-methods convention),
+  positives within ``radius_m`` (25 m as in the common benchmarks; ``positives_from_utm``);
+* ``csv:FILE``: a pose table ``file,x,y[,yaw]`` (``imagefolders.read_pose_table``),
+  positives within ``radius_m``;
+* ``vprbench:FILE``: VPR-Bench style ground truth, read without pickle
+  (``positives_from_vprbench``);
+* ``aligned``: frame-aligned traverses, same name = same place +-k frames
+  (``positives_frame_aligned``);
+* ``folder``: same leading folder(s) = same place (``positives_same_folder``).
+
+Against a map, the position kinds (utm, csv) compare the query positions with the map's
+place poses (``positives_within_radius``); vprbench indexes the map's places.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import NamedTuple, TypeAlias
 
 import numpy as np
-from scipy.spatial import cKDTree
 
+from vpr_ros.config import Conf, option
 from vpr_ros.errors import ConfigError
-from vpr_ros.imagefolders import natural_key, parse_utm
+from vpr_ros.imagefolders import (
+    ImageFolder,
+    natural_key,
+    parse_utm,
+    positions_from_table,
+    read_pose_table,
+)
 
 DEFAULT_RADIUS_M = 25.0
 DEFAULT_TOLERANCE = 2
+# Map poses farther than this from every query position are in another frame.
+FRAME_CHECK_M = 10_000.0
 
 # Turns a VPR-Bench ``ground_truth_new.npy`` (an object array of [query_index, [db indices]],
 # which needs pickle) into the pickle-free .npz that ``positives_from_vprbench`` reads. It
@@ -55,6 +73,8 @@ def positives_within_radius(
         raise ConfigError('reference positions contain NaN/inf; every place needs a position')
     if len(db_xy) == 0:
         return [np.zeros(0, np.int64) for _ in range(len(query_xy))]
+    from scipy.spatial import cKDTree  # a third of a second to import: only when needed
+
     tree = cKDTree(db_xy)
     neighbours = tree.query_ball_point(query_xy, r=radius_m) if len(query_xy) else []
     return [np.array(sorted(n), np.int64) for n in neighbours]
@@ -216,11 +236,11 @@ def positives_frame_aligned(
     """
     if tolerance < 0:
         raise ValueError(f'tolerance must be >= 0 frames, got {tolerance!r}')
-    order = sorted(range(len(db_names)), key=lambda i: natural_key(db_names[i]))
-    rank = {db_names[i]: r for r, i in enumerate(order)}
+    sorted_indices = sorted(range(len(db_names)), key=lambda i: natural_key(db_names[i]))
+    rank = {db_names[i]: r for r, i in enumerate(sorted_indices)}
     if len(rank) != len(db_names):
         raise ConfigError('reference names repeat; frame-aligned ground truth needs unique names')
-    order = np.array(order, np.int64)
+    order = np.array(sorted_indices, np.int64)
     out = []
     for name in query_names:
         r = rank.get(name)
@@ -271,3 +291,268 @@ def require_a_positive(positives: Sequence[Sequence[int] | np.ndarray]) -> None:
             f'same area'
         )
         raise ConfigError(msg)
+
+
+# -- the kinds evaluate offers ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroundTruthConf(Conf):
+    """How positives are decided (evaluate's --radius-m, --tolerance, --folder-depth)."""
+
+    radius_m: float = option(
+        DEFAULT_RADIUS_M,
+        'utm, csv: a reference within this distance of the query is a positive',
+        unit='m',
+        min=0.0,
+    )
+    tolerance: int = option(
+        DEFAULT_TOLERANCE,
+        'aligned: positives are the same-name reference +- this many frames',
+        unit='frames',
+        min=0,
+    )
+    folder_depth: int = option(
+        1, 'folder: how many leading folders name the place (e.g. 1 for pK/i0/x.jpg)', min=1
+    )
+
+
+@dataclass(frozen=True)
+class MapPlaces:
+    """A map as ground truth sees it: where it was read from and its places' (x, y)
+    positions in metres (NaN where a place has no pose), in map order."""
+
+    directory: Path
+    positions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+Reference: TypeAlias = ImageFolder | MapPlaces
+"""What queries are matched against: reference images, or a map's places."""
+
+
+class GroundTruth(NamedTuple):
+    """Positives of each query, and the reference images' (x, y) positions in metres when
+    the ground truth knows them (None otherwise, and for a map, which has its own)."""
+
+    positives: list[np.ndarray]
+    reference_positions: np.ndarray | None = None
+
+
+GroundTruthLoader = Callable[[Path | None, ImageFolder, Reference, GroundTruthConf], GroundTruth]
+
+
+@dataclass(frozen=True)
+class GroundTruthKind:
+    """One kind of ground truth.
+
+    Attributes:
+        load: ``load(file, queries, reference, conf)``; ``file`` is None unless
+            ``takes_file``, and ``reference`` is an ``ImageFolder`` unless ``with_map``.
+        help: what it reads, for ``--help``.
+        takes_file: given as ``kind:FILE``.
+        file_example: a file name for messages.
+        with_map: it also works against a map (by place poses or place indices).
+    """
+
+    load: GroundTruthLoader
+    help: str
+    takes_file: bool = False
+    file_example: str = ''
+    with_map: bool = False
+
+
+def _by_position(
+    kind: str,
+    query_xy: np.ndarray,
+    reference: Reference,
+    reference_xy: Callable[[ImageFolder], np.ndarray],
+    conf: GroundTruthConf,
+    frame: str,
+) -> GroundTruth:
+    """Positives within ``conf.radius_m``: of reference images (positions from
+    ``reference_xy``) or of map places (their poses, which must be in ``frame``)."""
+    if isinstance(reference, MapPlaces):
+        map_xy = reference.positions
+        if np.isnan(map_xy).any():
+            msg = (
+                f'map {str(reference.directory)!r} has places without poses; --gt {kind} '
+                f'needs a map built with a pose topic in {frame}'
+            )
+            raise ConfigError(msg)
+        check_same_frame(reference.directory, map_xy, query_xy, kind=kind, frame=frame)
+        return GroundTruth(positives_within_radius(map_xy, query_xy, conf.radius_m))
+    db_xy = reference_xy(reference)
+    return GroundTruth(positives_within_radius(db_xy, query_xy, conf.radius_m), db_xy)
+
+
+def _utm_positions(images: ImageFolder) -> np.ndarray:
+    return np.array([parse_utm(p) for p in images.paths], np.float64).reshape(-1, 2)
+
+
+def _load_utm(
+    file: Path | None, queries: ImageFolder, reference: Reference, conf: GroundTruthConf
+) -> GroundTruth:
+    frame = 'the same (UTM east/north) frame as the query names'
+    return _by_position('utm', _utm_positions(queries), reference, _utm_positions, conf, frame)
+
+
+def _load_csv(
+    file: Path | None, queries: ImageFolder, reference: Reference, conf: GroundTruthConf
+) -> GroundTruth:
+    assert file is not None, 'csv takes a file'
+    table = read_pose_table(file)
+    query_xy = positions_from_table(table, queries, file)
+    frame = f'the same frame as the positions in {str(file)!r}'
+
+    def reference_xy(images: ImageFolder) -> np.ndarray:
+        return positions_from_table(table, images, file)
+
+    return _by_position('csv', query_xy, reference, reference_xy, conf, frame)
+
+
+def _load_vprbench(
+    file: Path | None, queries: ImageFolder, reference: Reference, conf: GroundTruthConf
+) -> GroundTruth:
+    assert file is not None, 'vprbench takes a file'
+    count = len(reference)
+    return GroundTruth(positives_from_vprbench(file, num_queries=len(queries), num_db=count))
+
+
+def _load_aligned(
+    file: Path | None, queries: ImageFolder, reference: Reference, conf: GroundTruthConf
+) -> GroundTruth:
+    assert isinstance(reference, ImageFolder), 'aligned needs reference file names'
+    names = reference.names()
+    return GroundTruth(positives_frame_aligned(names, queries.names(), conf.tolerance))
+
+
+def _load_folder(
+    file: Path | None, queries: ImageFolder, reference: Reference, conf: GroundTruthConf
+) -> GroundTruth:
+    assert isinstance(reference, ImageFolder), 'folder needs reference file names'
+    names = reference.names()
+    return GroundTruth(positives_same_folder(names, queries.names(), conf.folder_depth))
+
+
+GROUND_TRUTHS: dict[str, GroundTruthKind] = {
+    'utm': GroundTruthKind(
+        _load_utm,
+        '"@east@north@" in the file names (metres), positives within --radius-m (with --map: '
+        'against the map poses, x = east, y = north)',
+        with_map=True,
+    ),
+    'csv': GroundTruthKind(
+        _load_csv,
+        'FILE is a pose table with a row file,x,y[,yaw] per image (metres; a header row is '
+        "optional; campus_route's data.csv), positives within --radius-m (with --map: "
+        'against the map poses, in the same frame); a row names its image by the path '
+        'relative to the image folder or by file name',
+        takes_file=True,
+        file_example='data.csv',
+        with_map=True,
+    ),
+    'vprbench': GroundTruthKind(
+        _load_vprbench,
+        'FILE is a pickle-free VPR-Bench style .npy/.npz (bool (Q, N) matrix, (Q, 2) '
+        'inclusive index ranges, or query_index + db_index pairs; indices follow the sorted '
+        'file lists or the map order)',
+        takes_file=True,
+        file_example='ground_truth.npz',
+        with_map=True,
+    ),
+    'aligned': GroundTruthKind(
+        _load_aligned,
+        'frame-aligned traverses, the reference with the same relative file name +- '
+        '--tolerance frames',
+    ),
+    'folder': GroundTruthKind(
+        _load_folder,
+        'same first --folder-depth folders below --db-images/--queries = same place',
+    ),
+}
+"""Ground-truth kinds by name (``evaluate --gt NAME`` or ``--gt NAME:FILE``)."""
+
+
+def ground_truth_choices(*, with_map: bool = False) -> list[str]:
+    """The ``--gt`` values, e.g. ``['utm', 'csv:FILE', ...]`` (``with_map``: those that
+    work against a map)."""
+    return [
+        f'{name}:FILE' if kind.takes_file else name
+        for name, kind in GROUND_TRUTHS.items()
+        if kind.with_map or not with_map
+    ]
+
+
+def parse_ground_truth(value: str, *, with_map: bool = False) -> tuple[str, Path | None]:
+    """The kind and file of a ``--gt`` value (``utm``, ``csv:data.csv``, ...).
+
+    Args:
+        value: the value.
+        with_map: the reference is a map (only kinds that work with one are accepted).
+
+    Raises:
+        ConfigError: an unknown kind, a file missing or given where none is taken, or a kind
+            that needs reference file names against a map.
+    """
+    name, colon, file = value.partition(':')
+    kind = GROUND_TRUTHS.get(name)
+    if kind is None or (colon and not kind.takes_file):
+        raise ConfigError(f'unknown --gt {value!r}; choose one of {ground_truth_choices()}')
+    if kind.takes_file and not file:
+        raise ConfigError(f'--gt {name} needs a file: --gt {name}:{kind.file_example}')
+    if with_map and not kind.with_map:
+        usable = ' or '.join(ground_truth_choices(with_map=True))
+        msg = (
+            f'--gt {name!r} needs reference file names; with --map use --gt {usable}, or '
+            f'evaluate against --db-images'
+        )
+        raise ConfigError(msg)
+    return name, Path(file) if file else None
+
+
+def load_ground_truth(
+    value: str,
+    queries: ImageFolder,
+    reference: Reference,
+    conf: GroundTruthConf | None = None,
+) -> GroundTruth:
+    """Positives of every query from a ``--gt`` value (see ``GROUND_TRUTHS``).
+
+    Raises:
+        ConfigError: a bad value (``parse_ground_truth``) or bad ground-truth data.
+        FileNotFoundError: its file does not exist.
+    """
+    name, file = parse_ground_truth(value, with_map=isinstance(reference, MapPlaces))
+    return GROUND_TRUTHS[name].load(file, queries, reference, conf or GroundTruthConf())
+
+
+def check_same_frame(
+    map_dir: str | os.PathLike,
+    map_xy: np.ndarray,
+    query_xy: np.ndarray,
+    *,
+    kind: str = 'utm',
+    frame: str = 'the same (UTM east/north) frame as the query names',
+) -> None:
+    """Refuse map poses and query positions that are clearly not in the same frame.
+
+    Raises:
+        ConfigError: no query is within ``FRAME_CHECK_M`` of any map place.
+    """
+    if not len(map_xy) or not len(query_xy):
+        return
+    from scipy.spatial import cKDTree
+
+    distance, _ = cKDTree(map_xy).query(query_xy)
+    if (distance <= FRAME_CHECK_M).any():
+        return
+    msg = (
+        f'no query is within {FRAME_CHECK_M / 1000:.0f} km of any place of map '
+        f'{str(map_dir)!r} (the closest is {distance.min() / 1000:.0f} km away); --gt {kind} '
+        f'needs the map poses in {frame}, not odometry or a local ENU frame; rebuild the map '
+        f'with such poses or use --gt vprbench:FILE'
+    )
+    raise ConfigError(msg)

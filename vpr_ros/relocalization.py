@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,11 +28,15 @@ from vpr_ros.evidence import (
     Observation,
     PlaceEvidence,
 )
-from vpr_ros.extraction import Descriptors, Extractor
-from vpr_ros.models.base import VprModel
 from vpr_ros.rerank import RERANKERS, Reranker, make_reranker
 from vpr_ros.sequence import SequenceConf, sequence_image_descriptors
 from vpr_ros.types import Hypothesis
+
+# torch-heavy modules are imported where they are used, so that RelocalizationConf is cheap
+# to import (command-line --help, settings tables).
+if TYPE_CHECKING:
+    from vpr_ros.extraction import Descriptors
+    from vpr_ros.models.base import VprModel
 
 MODES = tuple(EVIDENCE)
 
@@ -88,10 +92,16 @@ class RelocalizationConf(Conf):
 
 @dataclass
 class RelocalizationResult:
-    """Hypotheses for one query, best first, with where the time went (seconds)."""
+    """Hypotheses for one query, best first, with where the time went (seconds).
+
+    ``candidates`` are the place indices retrieval found, best first (empty when the mode
+    does not retrieve): evaluation ranks them after the hypotheses, so Recall@N reaches
+    beyond the re-ranked head.
+    """
 
     hypotheses: list[Hypothesis]
     timings: dict[str, float] = field(default_factory=dict)
+    candidates: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def best(self) -> Hypothesis | None:
@@ -120,6 +130,8 @@ class Relocalizer:
         *,
         num_threads: int | None = None,
     ) -> None:
+        from vpr_ros.extraction import Extractor
+
         if not isinstance(conf, RelocalizationConf):
             conf = RelocalizationConf.from_dict(conf)
         self.conf = conf
@@ -198,7 +210,7 @@ class Relocalizer:
         begun = time.perf_counter()
         hypotheses = self.evidence.update(observation)
         timings[self.conf.mode] = time.perf_counter() - begun
-        return RelocalizationResult(hypotheses, timings)
+        return RelocalizationResult(hypotheses, timings, candidates)
 
     def retrieve(self, query_global: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ``top_k`` candidates (place indices) and their global similarities."""
@@ -208,5 +220,7 @@ class Relocalizer:
 
     def match(self, query_global: np.ndarray, query_local: np.ndarray) -> RelocalizationResult:
         """Single-frame hypotheses for one query's descriptors (global (D,), local (L, C))."""
+        from vpr_ros.extraction import Descriptors
+
         descriptors = Descriptors(query_global[None], query_local[None])
         return self.relocalize_described(None, descriptors)

@@ -17,11 +17,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from vpr_ros.errors import ConfigError, DatabaseError
 
+# torch is imported where it is used: the settings tables list RERANKERS, and --help of
+# the commands must not wait for torch.
 if TYPE_CHECKING:
+    import torch
+
     from vpr_ros.database import PlaceDatabase
     from vpr_ros.extraction import Descriptors
 
@@ -39,6 +42,8 @@ def mutual_nn_mask(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ``mask`` (..., L1) bool: row i's nearest column is one whose nearest row is i;
         ``nn12`` (..., L1) int64: the nearest column of each row (ties: the first).
     """
+    import torch
+
     nn12 = sim.argmax(dim=-1)
     nn21 = sim.argmax(dim=-2)
     rows = torch.arange(sim.shape[-2], device=sim.device)
@@ -57,6 +62,8 @@ def mutual_nn_matches(
         candidate: (L2, C) L2-normalised local features.
         min_similarity: matches whose cosine similarity is below this are dropped.
     """
+    import torch
+
     sim = _as_tensor(query) @ _as_tensor(candidate).T
     mutual, nn12 = mutual_nn_mask(sim)
     rows = torch.arange(sim.shape[0])
@@ -79,6 +86,8 @@ def mnn_scores(
     Returns:
         (K,) float32 scores in [0, 1].
     """
+    import torch
+
     q = _as_tensor(query)
     count, length = len(candidates), q.shape[0]
     scores = np.zeros(count, np.float32)
@@ -96,6 +105,8 @@ def mnn_scores(
 
 
 def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    import torch
+
     tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
     return tensor.float()
 

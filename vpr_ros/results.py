@@ -119,7 +119,7 @@ def summarize(
     num_db: int,
     ns: Sequence[int] = DEFAULT_RECALL_NS,
 ) -> MethodResult:
-    """Score one method from its predictions; the hook other modes (sequences) plug into.
+    """Score one method from its predictions (``vpr_ros.evaluation`` scores every method so).
 
     Every query the method answered is a row, in order, including queries without a
     positive (e.g. frames off the mapped route):
@@ -138,17 +138,17 @@ def summarize(
         num_db: the reference size (Recall@N with N > K is known only when K >= num_db).
         ns: the N of Recall@N.
     """
-    positives = [np.asarray(list(p), np.int64) for p in positives]
-    predictions = _prediction_rows(predictions, len(positives))
+    positive_rows = [np.asarray(list(p), np.int64) for p in positives]
+    predictions = _prediction_rows(predictions, len(positive_rows))
     confidences = np.asarray(confidences, np.float64).reshape(-1)
     width = predictions.shape[1]
-    has_positive = np.array([len(p) > 0 for p in positives], bool).reshape(-1)
-    scored = [p for p, has in zip(positives, has_positive) if has]
+    has_positive = np.array([len(p) > 0 for p in positive_rows], np.bool_).reshape(-1)
+    scored = [p for p, has in zip(positive_rows, has_positive) if has]
     recalls: dict[int, float | None] = dict(recall_at_n(predictions[has_positive], scored, ns))
     for n in ns:
         if n > width and width < num_db:
             recalls[int(n)] = None
-    correct = first_hit_ranks(predictions[:, :1], positives) == 0  # -1: wrong
+    correct = first_hit_ranks(predictions[:, :1], positive_rows) == 0  # -1: wrong
     relevant = int(has_positive.sum())
     precision, recall, thresholds = precision_recall_curve(
         correct, confidences, num_relevant=relevant

@@ -1,8 +1,11 @@
 """evaluate: score place recognition on query images with ground truth.
 
-Runs the shipped relocalization pipeline (retrieval, then MNN re-ranking) against a map or
-a folder of reference images and reports Recall@1/5/10/20 with and without re-ranking,
-recall at 100 % precision of the top-1 answer, and per-query latency.
+Runs the shipped relocalization pipeline against a map or a folder of reference images,
+once per method (retrieval only, re-ranked, sequence matching; ``vpr_ros.evaluation``), and
+reports Recall@1/5/10/20, recall at 100 % precision of the top-1 answer and per-query
+latency. This module only parses flags: the relocalization flags come from the
+``RelocalizationConf`` table, the ground-truth ones from ``vpr_ros.ground_truth``; torch and
+the model load inside the command, so ``--help`` and mistakes in the flags answer at once.
 
 Examples::
 
@@ -12,6 +15,7 @@ Examples::
         --queries gardens_sfu_places/pairs --query-glob '*/i1/*' --gt folder
     evaluate --db-images pitts/database --queries pitts/queries --gt utm --radius-m 25
     evaluate --map maps/campus --queries campus_queries --gt utm
+    evaluate --map maps/campus --queries campus_route --gt csv:campus_route/data.csv
     evaluate --db-images db --queries q --gt vprbench:ground_truth.npz
     evaluate --db-images nordland64/summer --queries nordland64/winter --gt aligned \\
         --mode both --sequence-length 20
@@ -23,35 +27,32 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
-from scipy.spatial import cKDTree
+from typing import Any
 
 from vpr_ros import logger
 from vpr_ros.cli.common import parse_with_params_file, run_cli
-from vpr_ros.database import PlaceDatabase
+from vpr_ros.config import add_arguments, conf_from_args
 from vpr_ros.errors import ConfigError
-from vpr_ros.evaluation import evaluate, evaluate_sequence, evenly_spaced, sequence_descriptors
+from vpr_ros.evaluation import METHODS, RERANKED, RETRIEVAL, SEQUENCE, method_confs
 from vpr_ros.ground_truth import (
-    DEFAULT_RADIUS_M,
-    DEFAULT_TOLERANCE,
-    positives_frame_aligned,
-    positives_from_utm,
-    positives_from_vprbench,
-    positives_same_folder,
-    positives_within_radius,
-    require_a_positive,
+    GROUND_TRUTHS,
+    GroundTruthConf,
+    ground_truth_choices,
+    parse_ground_truth,
 )
-from vpr_ros.imagefolders import list_images, parse_utm, relative_names
-from vpr_ros.models import CONFS, DEFAULT_MODEL, available_models, load_model
+from vpr_ros.models import CONFS, DEFAULT_MODEL, available_models
 from vpr_ros.relocalization import RelocalizationConf
-from vpr_ros.results import EvaluationResult, MethodResult, write_results
-from vpr_ros.sequence import SequenceConf
 
-GT_MODES = ('utm', 'vprbench:FILE', 'aligned', 'folder')
-MODES = ('single', 'sequence', 'both')
-# --gt utm with --map: map poses farther than this from every query are in another frame.
-FRAME_CHECK_M = 10_000.0
+# --mode names groups of methods.
+MODES = {
+    'single': (RETRIEVAL, RERANKED),
+    'sequence': (SEQUENCE,),
+    'both': (RETRIEVAL, RERANKED, SEQUENCE),
+}
+# Settings the command decides: the mode by --mode/--methods, the sequence matcher's answers
+# by the largest N of Recall@N; min_confidence does not matter to a PR curve over all
+# thresholds.
+NOT_FLAGS = ('mode', 'sequence.top_k', 'sequence.min_confidence')
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -75,7 +76,8 @@ def make_parser() -> argparse.ArgumentParser:
         '--map',
         type=Path,
         metavar='MAP_DIR',
-        help='map directory written by build_map (ground truth: utm/vprbench)',
+        help=f'map directory written by build_map (ground truth: '
+        f'{", ".join(ground_truth_choices(with_map=True))})',
     )
     reference.add_argument(
         '--db-images',
@@ -96,38 +98,15 @@ def make_parser() -> argparse.ArgumentParser:
         default='**/*',
         help='glob pattern, relative to --queries, selecting the query images',
     )
+    choices = ground_truth_choices()
     parser.add_argument(
         '--gt',
         required=True,
-        metavar='{utm,vprbench:FILE,aligned,folder}',
-        help=(
-            'ground truth. utm: "@east@north@" in the file names (metres), positives within '
-            '--radius-m (with --map: against the map poses, x = east, y = north). '
-            'vprbench:FILE: a pickle-free VPR-Bench style .npy/.npz (bool (Q, N) matrix, '
-            '(Q, 2) inclusive index ranges, or query_index + db_index pairs; indices follow '
-            'the sorted file lists or the map order). aligned: frame-aligned traverses, the '
-            'reference with the same relative file name +- --tolerance frames. folder: same '
-            'first --folder-depth folders below --db-images/--queries = same place'
-        ),
+        metavar='{' + ','.join(choices) + '}',
+        help='ground truth. '
+        + ' '.join(f'{c}: {GROUND_TRUTHS[c.split(":")[0]].help}.' for c in choices),
     )
-    parser.add_argument(
-        '--radius-m',
-        type=float,
-        default=DEFAULT_RADIUS_M,
-        help='utm: a reference within this distance of the query is a positive (metres)',
-    )
-    parser.add_argument(
-        '--tolerance',
-        type=int,
-        default=DEFAULT_TOLERANCE,
-        help='aligned: positives are the same-name reference +- this many frames (frames)',
-    )
-    parser.add_argument(
-        '--folder-depth',
-        type=int,
-        default=1,
-        help='folder: how many leading folders name the place (e.g. 1 for pK/i0/x.jpg)',
-    )
+    add_arguments(parser.add_argument_group('ground truth'), GroundTruthConf)
     parser.add_argument(
         '--model',
         default=DEFAULT_MODEL,
@@ -141,36 +120,25 @@ def make_parser() -> argparse.ArgumentParser:
         help='override the model input size (pixels; registry models only; None: the '
         "model's own); a --map must have been built with the same size",
     )
-    parser.add_argument(
-        '--top-k',
-        type=int,
-        default=RelocalizationConf().top_k,
-        help='candidates retrieved per query by global descriptor (Recall@N needs N <= this)',
-    )
-    parser.add_argument(
-        '--rerank-k',
-        type=int,
-        default=RelocalizationConf().rerank_k,
-        help='of those, how many are re-ranked by local features (0: retrieval only)',
-    )
-    parser.add_argument(
+    methods = parser.add_argument_group('methods')
+    methods.add_argument(
         '--mode',
-        choices=MODES,
+        choices=list(MODES),
         default='single',
-        help='single: single-frame retrieval and re-ranking; sequence: sequence matching '
-        'over every query in name order (vpr_ros.sequence); both: all three',
+        help='single: retrieval and re-ranked single frames; sequence: sequence matching over '
+        'every query in name order; both: all three',
     )
-    parser.add_argument(
-        '--sequence-length',
-        type=int,
-        help='sequence: length in query frames (None: the sequence module default)',
+    methods.add_argument(
+        '--methods',
+        nargs='+',
+        choices=list(METHODS),
+        metavar='METHOD',
+        help=f'the methods to run, instead of --mode: any of {list(METHODS)}',
     )
-    parser.add_argument(
-        '--sequence-descriptor',
-        choices=('patch_norm', 'global'),
-        default='patch_norm',
-        help='sequence: patch-normalised downsampled images (needs --db-images) or the '
-        "model's global descriptors",
+    add_arguments(
+        parser.add_argument_group('relocalization (vpr_ros.relocalization)'),
+        RelocalizationConf,
+        exclude=NOT_FLAGS,
     )
     parser.add_argument(
         '--limit',
@@ -192,246 +160,114 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_gt(value: str) -> tuple[str, Path | None]:
-    kind, _, file = value.partition(':')
-    if kind == 'vprbench':
-        if not file:
-            raise ConfigError('--gt vprbench needs a file: --gt vprbench:ground_truth.npz')
-        return kind, Path(file)
-    if kind not in ('utm', 'aligned', 'folder') or file:
-        raise ConfigError(f'unknown --gt {value!r}; choose one of {list(GT_MODES)}')
-    return kind, None
-
-
-def _sequence_conf(args: argparse.Namespace) -> SequenceConf | None:
-    """The validated sequence settings, or None in single-frame mode."""
-    if args.mode == 'single':
-        return None
-    if args.limit is not None:
-        msg = (
-            f'--limit {args.limit!r} spreads the queries over the route, which breaks '
-            f'sequences; omit --limit with --mode {args.mode!r} (or pick a query folder/glob)'
-        )
-        raise ConfigError(msg)
-    if args.map is not None and args.sequence_descriptor == 'patch_norm':
-        msg = (
-            'a map stores model descriptors, not images; use --sequence-descriptor global '
-            'with --map, or evaluate against --db-images'
-        )
-        raise ConfigError(msg)
-    conf = {'descriptor': args.sequence_descriptor}
-    if args.sequence_length is not None:
-        conf['length'] = args.sequence_length
-    return SequenceConf.from_dict(conf)
-
-
-def _check_same_frame(map_dir: Path, map_xy: np.ndarray, query_xy: np.ndarray) -> None:
-    """Refuse map poses and UTM query names that are clearly not in the same frame.
-
-    Raises:
-        ConfigError: no query is within ``FRAME_CHECK_M`` of any map place.
-    """
-    if not len(map_xy) or not len(query_xy):
-        return
-    distance, _ = cKDTree(map_xy).query(query_xy)
-    if (distance <= FRAME_CHECK_M).any():
-        return
-    msg = (
-        f'no query is within {FRAME_CHECK_M / 1000:.0f} km of any place of map '
-        f'{str(map_dir)!r} (the closest is {distance.min() / 1000:.0f} km away); --gt utm '
-        f'needs the map poses in the same (UTM east/north) frame as the query names, not '
-        f'odometry or a local ENU frame; rebuild the map with UTM poses or use '
-        f'--gt vprbench:FILE'
-    )
-    raise ConfigError(msg)
-
-
-def _ground_truth(
-    args: argparse.Namespace,
-    gt: str,
-    gt_file: Path | None,
-    queries: list[Path],
-    query_names: list[str],
-    reference: PlaceDatabase | list[Path],
-) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """Positives of every query, and reference positions (metres) when the names give them."""
-    if gt == 'utm':
-        if isinstance(reference, PlaceDatabase):
-            xy = reference.poses[:, :2]
-            if np.isnan(xy).any():
-                msg = (
-                    f'map {str(args.map)!r} has places without poses; --gt utm needs a '
-                    f'map built with a pose topic in the frame of the query names'
-                )
-                raise ConfigError(msg)
-            query_xy = np.array([parse_utm(p) for p in queries]).reshape(-1, 2)
-            _check_same_frame(args.map, xy, query_xy)
-            return positives_within_radius(xy, query_xy, args.radius_m), None
-        positions = np.array([parse_utm(p) for p in reference]).reshape(-1, 2)
-        return positives_from_utm(reference, queries, args.radius_m), positions
-    if gt == 'vprbench':
-        count = len(reference)
-        return positives_from_vprbench(gt_file, num_queries=len(queries), num_db=count), None
-    db_names = relative_names(reference, args.db_images)
-    if gt == 'aligned':
-        return positives_frame_aligned(db_names, query_names, args.tolerance), None
-    return positives_same_folder(db_names, query_names, args.folder_depth), None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
 
     def body() -> int:
-        args = parse_with_params_file(parser, argv, 'evaluate')
-        gt, gt_file = _parse_gt(args.gt)
-        if args.limit is not None and args.limit < 1:
-            raise ConfigError(f'--limit must be >= 1, got {args.limit!r}')
-        if args.map is not None and gt not in ('utm', 'vprbench'):
-            msg = (
-                f'--gt {gt!r} needs reference file names; with --map use --gt utm or '
-                f'vprbench:FILE, or evaluate against --db-images'
-            )
-            raise ConfigError(msg)
-        sequence_conf = _sequence_conf(args)
-        overrides = None
-        if args.image_size is not None:
-            if args.model not in CONFS:
-                msg = (
-                    f'--image-size works with registry models {available_models()}, not '
-                    f'{args.model!r}; for an exported model set preprocessing.size in its '
-                    f'model.json'
-                )
-                raise ConfigError(msg)
-            overrides = {'preprocessing': {'size': list(args.image_size)}}
-        conf = {
-            'reference': str(args.map or args.db_images),
-            'reference_kind': 'map' if args.map else 'images',
-            'queries': str(args.queries),
-            'db_glob': args.db_glob,
-            'query_glob': args.query_glob,
-            'gt': args.gt,
-            'radius_m': args.radius_m,
-            'tolerance': args.tolerance,
-            'folder_depth': args.folder_depth,
-            'model': args.model,
-            'image_size': args.image_size,
-            'limit': args.limit,
-            'mode': args.mode,
-            'relocalization': {
-                **RelocalizationConf().to_dict(),
-                'top_k': args.top_k,
-                'rerank_k': min(args.rerank_k, args.top_k),
-            },
-            'sequence': sequence_conf.to_dict() if sequence_conf is not None else None,
-        }
-        logger.info('evaluate conf: %s', conf)
-
-        queries = list_images(args.queries, args.query_glob)
-        query_names = relative_names(queries, args.queries)
-        if args.map is not None:
-            # The model is checked against the map when matching starts.
-            reference = PlaceDatabase.load(args.map)
-        else:
-            reference = list_images(args.db_images, args.db_glob)
-        logger.info('%d query images, %d reference places', len(queries), len(reference))
-        positives, positions = _ground_truth(args, gt, gt_file, queries, query_names, reference)
-
-        selected = evenly_spaced(len(queries), args.limit)
-        if len(selected) < len(queries):
-            logger.info('--limit: %d of %d queries, evenly spaced', len(selected), len(queries))
-        queries = [queries[i] for i in selected]
-        query_names = [query_names[i] for i in selected]
-        positives = [positives[i] for i in selected]
-        progress = not args.no_progress
-
-        patch_norm = sequence_conf is not None and sequence_conf.descriptor == 'patch_norm'
-        require_a_positive(positives)  # before the model and any extraction
-        skipped = [n for n, p in zip(query_names, positives) if not len(p)]
-        if args.mode == 'sequence' and patch_norm:
-            # No model needed: the result only carries the queries and their ground truth.
-            result = EvaluationResult(
-                methods={},
-                query_names=list(query_names),
-                positives=[np.asarray(p, np.int64) for p in positives],
-                num_db=len(reference),
-                conf={},
-                skipped_queries=skipped,
-            )
-        else:
-            relocalization = dict(conf['relocalization'])
-            if args.mode == 'sequence':
-                relocalization['rerank_k'] = 0  # only the query descriptors are needed
-            result = evaluate(
-                load_model(args.model, overrides),
-                reference,
-                queries,
-                positives,
-                relocalization,
-                query_names=query_names,
-                reference_positions=positions,
-                batch_size=args.batch_size,
-                num_threads=args.threads,
-                progress=progress,
-            )
-            if args.mode == 'sequence':
-                result.methods.clear()
-        if sequence_conf is not None:
-            result.add_method(
-                _run_sequence(result, sequence_conf, args, queries, reference, positions)
-            )
-        print(result.table())
-        if args.out is not None:
-            command = ['evaluate', *(sys.argv[1:] if argv is None else list(argv))]
-            paths = write_results(result, args.out, extra={'command': command, 'args': conf})
-            print(f'results written to {paths["json"]} (PR curve: {paths["png"]})')
-        return 0
+        return run(parse_with_params_file(parser, argv, 'evaluate'), argv)
 
     return run_cli(body, argv)
 
 
-def _run_sequence(
-    result: EvaluationResult,
-    conf: SequenceConf,
-    args: argparse.Namespace,
-    queries: list[Path],
-    reference: PlaceDatabase | list[Path],
-    positions: np.ndarray | None,
-) -> MethodResult:
-    """Sequence matching over every query, in (natural) name order.
-
-    The matcher sees every query frame, with or without a positive, so the ground truth
-    does not splice the route it follows; rows without a positive are dropped only when
-    scoring (``summarize``).
-    """
-    progress = not args.no_progress
-    if conf.descriptor == 'patch_norm':
-        query_descriptors, latencies = sequence_descriptors(
-            queries, conf, desc='query sequence descriptors', progress=progress
-        )
-        map_descriptors, _ = sequence_descriptors(
-            reference, conf, desc='reference sequence descriptors', progress=progress
-        )
-        return evaluate_sequence(
-            query_descriptors,
-            map_descriptors,
-            result.positives,
-            conf,
-            place_xyz=positions,
-            descriptor_latencies_s=latencies,
-            progress=progress,
-        )
-    database = result.database
-    poses = database.poses[:, :3]
-    return evaluate_sequence(
-        result.query_globals,
-        database.global_descriptors,
-        result.positives,
-        conf,
-        traverse_ids=database.places['traverse'],
-        place_xyz=None if np.isnan(poses).any() else poses,
-        descriptor_latencies_s=result.extract_latencies_s,
-        progress=progress,
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """The command: check the flags, then list, load, match, score and report."""
+    gt_kind, _ = parse_ground_truth(args.gt, with_map=args.map is not None)
+    gt_conf = conf_from_args(GroundTruthConf, args)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f'--limit must be >= 1, got {args.limit!r}')
+    # --rerank-k is at most --top-k: only retrieved places can be re-ranked.
+    conf = conf_from_args(
+        RelocalizationConf, args, mode='single', rerank_k=min(args.rerank_k, args.top_k)
     )
+    confs = method_confs(conf, args.methods or MODES[args.mode])
+    sequential = [name for name, c in confs.items() if c.mode != 'single']
+    if args.limit is not None and sequential:
+        msg = (
+            f'--limit {args.limit!r} spreads the queries over the route, which breaks '
+            f'sequences ({sequential!r}); omit --limit (or pick a query folder/glob)'
+        )
+        raise ConfigError(msg)
+    overrides = None
+    if args.image_size is not None:
+        if args.model not in CONFS:
+            msg = (
+                f'--image-size works with registry models {available_models()}, not '
+                f'{args.model!r}; for an exported model set preprocessing.size in its '
+                f'model.json'
+            )
+            raise ConfigError(msg)
+        overrides = {'preprocessing': {'size': list(args.image_size)}}
+    settings: dict[str, Any] = {
+        'reference': str(args.map or args.db_images),
+        'reference_kind': 'map' if args.map else 'images',
+        'queries': str(args.queries),
+        'db_glob': args.db_glob,
+        'query_glob': args.query_glob,
+        'gt': args.gt,
+        **gt_conf.to_dict(),
+        'model': args.model,
+        'image_size': args.image_size,
+        'limit': args.limit,
+        'mode': args.mode,
+        'methods': list(confs),
+        'relocalization': conf.to_dict(),
+        'sequence': confs[SEQUENCE].sequence.to_dict() if SEQUENCE in confs else None,
+    }
+    logger.info('evaluate conf: %s', settings)
+
+    from vpr_ros.database import PlaceDatabase
+    from vpr_ros.ground_truth import MapPlaces, load_ground_truth, require_a_positive
+    from vpr_ros.imagefolders import ImageFolder
+
+    queries = ImageFolder.from_glob(args.queries, args.query_glob)
+    reference: ImageFolder | MapPlaces
+    matched_against: PlaceDatabase | list[Path]
+    if args.map is not None:
+        # The model is checked against the map when matching starts.
+        matched_against = PlaceDatabase.load(args.map)
+        reference = MapPlaces(args.map, matched_against.poses[:, :2])
+    else:
+        reference = ImageFolder.from_glob(args.db_images, args.db_glob)
+        matched_against = reference.paths
+    logger.info(
+        '%d query images, %d reference places, ground truth %r',
+        len(queries),
+        len(reference),
+        gt_kind,
+    )
+    truth = load_ground_truth(args.gt, queries, reference, gt_conf)
+
+    from vpr_ros.evaluation import evaluate, evenly_spaced
+
+    selected = evenly_spaced(len(queries), args.limit)
+    if len(selected) < len(queries):
+        logger.info('--limit: %d of %d queries, evenly spaced', len(selected), len(queries))
+    queries = queries.subset(selected)
+    positives = [truth.positives[i] for i in selected]
+    require_a_positive(positives)  # before the model and any extraction
+
+    from vpr_ros.models import load_model
+    from vpr_ros.results import write_results
+
+    result = evaluate(
+        load_model(args.model, overrides),
+        matched_against,
+        queries.paths,
+        positives,
+        conf,
+        methods=confs,
+        query_names=queries.names(),
+        reference_positions=truth.reference_positions,
+        batch_size=args.batch_size,
+        num_threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(result.table())
+    if args.out is not None:
+        command = ['evaluate', *(sys.argv[1:] if argv is None else list(argv))]
+        paths = write_results(result, args.out, extra={'command': command, 'args': settings})
+        print(f'results written to {paths["json"]} (PR curve: {paths["png"]})')
+    return 0
 
 
 if __name__ == '__main__':
