@@ -84,7 +84,8 @@ def parse_with_params_file(
                 if any(option in argv for option in action.option_strings):
                     continue  # the command line's list replaces the file's
                 items = value if isinstance(value, list) else [value]
-                value = [action.type(v) if action.type else v for v in items]
+                convert = action.type if callable(action.type) else None
+                value = [convert(v) if convert else v for v in items]
             defaults[action.dest] = value
             # Required options given by the file are no longer required on the command line.
             action.required = False
