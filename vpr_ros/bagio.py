@@ -265,6 +265,32 @@ def _read_track(
     return builder
 
 
+def check_bags(bag_paths: BagPaths, image_topic: str, pose_topic: str | None) -> list[Path]:
+    """Open every bag and check that it has the topics, with the right types.
+
+    Cheap (indexes only): commands call it before loading a model, so that a wrong path or
+    topic fails at once.
+
+    Returns:
+        The bag paths.
+
+    Raises:
+        FileNotFoundError: A path does not exist.
+        BagReadError: No bag given, a bag is unreadable, or lacks a topic (the message lists
+            the bag's topics), or a topic has the wrong type.
+    """
+    paths = _as_paths(bag_paths)
+    if not paths:
+        msg = 'no bag paths given; pass at least one bag'
+        raise BagReadError(msg)
+    for path in paths:
+        with open_bag(path) as reader:
+            topic_connections(reader, path, image_topic, IMAGE_TYPES, 'image')
+            if pose_topic is not None:
+                topic_connections(reader, path, pose_topic, POSE_MSGTYPES, 'pose')
+    return paths
+
+
 def read_frames(
     bag_paths: BagPaths,
     image_topic: str,
@@ -315,15 +341,7 @@ def read_frames(
         BagReadError: A bag is corrupt or truncated (also while iterating), or lacks a topic,
             or a topic has the wrong type; the message lists the bag's topics.
     """
-    paths = _as_paths(bag_paths)
-    if not paths:
-        msg = 'no bag paths given; pass at least one bag'
-        raise BagReadError(msg)
-    for path in paths:
-        with open_bag(path) as reader:
-            topic_connections(reader, path, image_topic, IMAGE_TYPES, 'image')
-            if pose_topic is not None:
-                topic_connections(reader, path, pose_topic, POSE_MSGTYPES, 'pose')
+    paths = check_bags(bag_paths, image_topic, pose_topic)
     return FrameStream(
         paths,
         image_topic,

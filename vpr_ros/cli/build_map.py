@@ -86,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         conf = conf_from_args(BuildConf, args)
         logger.info('build_map conf: %s', conf.to_dict())
         check_model_source(args.model)
+        from vpr_ros.bagio import check_bags
+
+        check_bags(args.bags, args.image_topic, args.pose_topic)  # before the slow model load
         from vpr_ros.mapping import build_map
         from vpr_ros.models import load_model
 

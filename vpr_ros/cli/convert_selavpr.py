@@ -22,12 +22,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from vpr_ros import logger
 from vpr_ros.cli.common import run_cli, strip_ros_args
 from vpr_ros.models import load_model, save_model
-from vpr_ros.models.selavpr import SelaVpr, convert_selavpr_state, read_selavpr_checkpoint
 
 BACKBONE_FILE = 'dinov2_backbone.safetensors'
 
@@ -72,6 +69,14 @@ def convert(
     verify: bool = True,
 ) -> Path:
     """Convert ``checkpoint`` into the model folder ``out``; return ``out``."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f'checkpoint {str(checkpoint)!r} does not exist')
+    if backbone_weights is not None and not backbone_weights.is_file():
+        raise FileNotFoundError(f'backbone weights {str(backbone_weights)!r} do not exist')
+    from safetensors.torch import save_file
+
+    from vpr_ros.models.selavpr import SelaVpr, convert_selavpr_state, read_selavpr_checkpoint
+
     conf, trainable, backbone = convert_selavpr_state(read_selavpr_checkpoint(checkpoint))
     out.mkdir(parents=True, exist_ok=True)
     if backbone_weights is None:

@@ -85,7 +85,8 @@ def view_again(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     light = np.power(light, rng.uniform(0.7, 1.4)) * rng.uniform(0.75, 1.2)
     light *= rng.uniform(0.9, 1.1, 3)  # colour cast
     light += rng.normal(0, 0.015, light.shape)
-    return np.clip(light * 255, 0, 255).astype(np.uint8)
+    viewed: np.ndarray = np.clip(light * 255, 0, 255).astype(np.uint8)
+    return viewed
 
 
 def photo_route(seed: int = 0) -> tuple[list[Frame], list[Frame]]:

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -43,7 +43,6 @@ from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError, ImageDecodeError
 from vpr_ros.images import failure_reason, msg_to_rgb
 from vpr_ros.models import available_models, load_model
-from vpr_ros.models.base import VprModel
 from vpr_ros.nodes.common import (
     CAMERA_QOS,
     TRANSPORTS,
@@ -54,6 +53,9 @@ from vpr_ros.nodes.common import (
 from vpr_ros.nodes.conversions import hypotheses_to_cloud, pose_array, pose_with_covariance
 from vpr_ros.nodes.params import declare_conf
 from vpr_ros.relocalization import RelocalizationConf, Relocalizer
+
+if TYPE_CHECKING:
+    from vpr_ros.models.base import VprModel
 
 NODE_NAME = 'relocalize'
 
