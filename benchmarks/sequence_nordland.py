@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vpr_ros.ground_truth import duplicate_runs, widen_over_duplicates
 from vpr_ros.imagefolders import list_images, load_image
 from vpr_ros.metrics import precision_recall_curve, recall_at_100_precision
 from vpr_ros.results import plot_pr_curve
@@ -138,21 +139,16 @@ def duplicate_aware_truth(summer: np.ndarray, winter: np.ndarray) -> tuple[np.nd
     the last 15 of winter): a query that is an exact copy of other query frames may be
     matched to any of their places, and a map frame that is an exact copy of a correct
     one is correct (the dataset README: "a match on a neighbouring duplicate is fine").
+    The rule is ``vpr_ros.ground_truth.widen_over_duplicates``, which ``evaluate
+    --duplicate-frames`` applies too.
     """
-
-    def runs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        flat = images.reshape(len(images), -1)
-        new = np.r_[True, np.any(flat[1:] != flat[:-1], axis=1)]
-        run = np.cumsum(new) - 1
-        starts = np.flatnonzero(new)
-        ends = np.r_[starts[1:], len(images)] - 1
-        return starts[run], ends[run]
-
-    query_first, query_last = runs(winter)
-    map_first, map_last = runs(summer)
-    lo = np.clip(query_first - TOLERANCE, 0, len(summer) - 1)
-    hi = np.clip(query_last + TOLERANCE, 0, len(summer) - 1)
-    return map_first[lo], map_last[hi]
+    last = len(summer) - 1
+    positives = [
+        np.arange(min(max(i - TOLERANCE, 0), last), min(i + TOLERANCE, last) + 1)
+        for i in range(len(winter))
+    ]
+    widened = widen_over_duplicates(positives, duplicate_runs(winter), duplicate_runs(summer))
+    return np.array([p.min() for p in widened]), np.array([p.max() for p in widened])
 
 
 def score(

@@ -110,8 +110,11 @@ def test_evaluate_finds_every_place_and_reports_both_methods(dataset: Path, defa
     assert result.query_globals.shape == (PLACES + 1, default_model.global_dim)
     table = result.table()
     assert 'retrieval' in table and 'n/a' in table
-    assert f'{PLACES} queries (1 skipped without a positive)' in table
-    assert 'R@N leaves them out, R@100%P counts an accepted answer to one as wrong' in table
+    assert f'{PLACES + 1} queries (1 without a positive)' in table
+    assert (
+        f'recall denominator: the {PLACES} queries with a positive (1 without one left out of '
+        f'R@N; an accepted answer to one is wrong)'
+    ) in table
 
 
 def test_evaluate_refuses_queries_without_any_positive_before_extracting(
@@ -166,7 +169,8 @@ def test_evaluate_cli_scores_utm_named_images_end_to_end(dataset: Path, tmp_path
     for name in (RETRIEVAL, RERANKED):
         method = results['methods'][name]
         assert method['recall_at_n'] == {'R@1': 1.0, 'R@5': 1.0, 'R@10': 1.0, 'R@20': 1.0}
-        assert 0.0 <= method['recall_at_100_precision'] <= 1.0
+        for curve in ('pr_by_confidence', 'pr_by_similarity'):
+            assert 0.0 <= method[curve]['recall_at_100_precision'] <= 1.0
         assert method['latency_ms']['median'] > 0
     assert results['args']['gt'] == 'utm'
     assert (out / 'pr_curve.png').stat().st_size > 0
@@ -184,7 +188,7 @@ def test_evaluate_cli_matches_queries_against_a_map_by_pose(
     code = evaluate_main(['--map', str(tmp_path / 'map'), *folders, '--limit', '3'])
     assert code == 0
     table = capsys.readouterr().out
-    assert '3 queries (0 skipped without a positive) vs 6 reference places' in table
+    assert '3 queries (0 without a positive) vs 6 reference places' in table
     retrieval_row = next(line for line in table.splitlines() if line.startswith('retrieval'))
     assert retrieval_row.split()[1:5] == ['100.0'] * 4
 
@@ -427,8 +431,44 @@ def test_evaluate_cli_runs_patch_normalised_sequences_alone(
         ]
     )
     assert code == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
     assert [row[0] for row in rows[1:2]] == [SEQUENCE] and rows[1][1] == '100.0'
+    # Six places are one exclusion window: one answer per query, so R@5 and on are unknown.
+    assert rows[1][2:5] == ['n/a'] * 3
+    assert (
+        'sequence: R@N = a positive among the N best sequence matches, one per +-10 keyframes'
+    ) in out
+
+
+def test_evaluate_cli_labels_soft_duplicate_and_denominator_choices(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = evaluate_main(
+        [
+            *('--db-images', str(dataset / 'aligned/db'), '--db-glob', 'frame00[01235].png'),
+            *('--queries', str(dataset / 'aligned/queries'), '--gt', 'aligned'),
+            *('--tolerance', '0', '--soft-tolerance', '1', '--duplicate-frames'),
+            *('--recall-denominator', 'all', '--methods', RETRIEVAL, '--image-size', '96', '128'),
+            *('--threads', '1', '--out', str(tmp_path), '--no-progress'),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    # frame004's query has no reference: a miss out of all six.
+    assert 'recall denominator: all 6 queries (1 without a positive count as misses)' in out
+    assert 'duplicate frames: 0 queries and 0 references repeat the frame before them' in out
+    results = json.loads((tmp_path / 'results.json').read_text())
+    retrieval = results['methods'][RETRIEVAL]
+    assert retrieval['recall_at_n']['R@1'] == pytest.approx(5 / 6)
+    assert results['recall_denominator']['queries'] == 6
+    assert results['args']['soft_tolerance'] == 1 and results['args']['duplicate_frames']
+    assert len(results['ground_truth_notes']) == 2
+    for curve, label in (('pr_by_confidence', 'confidence'), ('pr_by_similarity', 'similarity')):
+        assert retrieval[curve]['ranked_by'].startswith(f'by {label}')
+        assert retrieval[curve]['recall_at_100_precision'] <= 5 / 6
+    header = (tmp_path / 'per_query.csv').read_text().splitlines()[0]
+    assert header.endswith('retrieval_similarity,retrieval_latency_ms,retrieval_near_miss')
 
 
 @pytest.mark.parametrize(
@@ -453,6 +493,12 @@ def test_evaluate_cli_runs_patch_normalised_sequences_alone(
             ['--gt', 'aligned', '--db-images', 'DB', '--mode', 'both', '--sequence-length', '0'],
             'length must be >= 1',
         ),
+        (
+            ['--gt', 'utm', '--db-images', 'DB', '--soft-tolerance', '5'],
+            '--soft-tolerance applies to --gt aligned, not',
+        ),
+        (['--gt', 'utm', '--map', 'MAP', '--duplicate-frames'], 'a map does not keep'),
+        (['--gt', 'utm', '--db-images', 'DB', '--soft-radius-m', '5'], 'inside radius_m'),
     ],
 )
 def test_evaluate_cli_reports_bad_options_without_a_traceback(

@@ -1,4 +1,5 @@
-"""Ground truth: every kind, from hand-written files and names."""
+"""Ground truth: every kind, from hand-written files and names; soft ground truth and
+duplicate frames on hand-computed cases."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -14,6 +16,8 @@ from vpr_ros.ground_truth import (
     VPRBENCH_CONVERSION,
     GroundTruthConf,
     MapPlaces,
+    check_refinements,
+    duplicate_runs,
     ground_truth_choices,
     load_ground_truth,
     parse_ground_truth,
@@ -22,6 +26,7 @@ from vpr_ros.ground_truth import (
     positives_from_vprbench,
     positives_same_folder,
     positives_within_radius,
+    widen_over_duplicates,
 )
 from vpr_ros.imagefolders import ImageFolder
 
@@ -218,3 +223,105 @@ def test_ground_truth_values_parse_into_a_kind_and_a_file() -> None:
     assert parse_ground_truth('csv:route/data.csv') == ('csv', Path('route/data.csv'))
     assert parse_ground_truth('utm', with_map=True) == ('utm', None)
     assert ground_truth_choices(with_map=True) == ['utm', 'csv:FILE', 'vprbench:FILE']
+
+
+# -- soft ground truth and duplicate frames ---------------------------------------------------
+
+
+def test_soft_ground_truth_widens_the_radius_of_utm_positives(tmp_path: Path) -> None:
+    reference = route_folder(tmp_path, ['@0@0@a.png', '@20@0@b.png', '@40@0@c.png'])
+    queries = route_folder(tmp_path, ['@2@0@q.png', '@300@0@r.png'])
+    conf = GroundTruthConf(radius_m=10, soft_radius_m=30)
+    truth = load_ground_truth('utm', queries, reference, conf)
+    # The query at 2 m: a (2 m) a positive; b (18 m) a soft one; c (38 m) neither.
+    assert as_lists(truth.positives) == [[0], []]
+    assert truth.soft_positives is not None
+    assert as_lists(truth.soft_positives) == [[0, 1], []]
+    assert 'a top-1 answer within 30 m that is not a positive is a near miss' in truth.notes[0]
+    assert load_ground_truth('utm', queries, reference).soft_positives is None
+
+
+def test_soft_ground_truth_widens_the_tolerance_of_aligned_frames(tmp_path: Path) -> None:
+    names = [f'f{i}.png' for i in range(8)]
+    conf = GroundTruthConf(tolerance=1, soft_tolerance=3)
+    truth = load_ground_truth(
+        'aligned', route_folder(tmp_path, ['f4.png']), route_folder(tmp_path, names), conf
+    )
+    assert as_lists(truth.positives) == [[3, 4, 5]]
+    assert truth.soft_positives is not None
+    assert as_lists(truth.soft_positives) == [[1, 2, 3, 4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize(
+    ('gt', 'conf', 'with_map', 'message'),
+    [
+        ('folder', {'soft_radius_m': 50.0}, False, "applies to --gt utm or csv, not 'folder'$"),
+        ('utm', {'soft_tolerance': 5}, False, '--gt utm widens with --soft-radius-m'),
+        ('utm', {'duplicate_frames': True}, True, '--duplicate-frames compares the reference'),
+    ],
+)
+def test_a_refinement_the_ground_truth_cannot_use_is_refused(
+    gt: str, conf: dict, with_map: bool, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_refinements(gt, GroundTruthConf.from_dict(conf), with_map=with_map)
+
+
+def test_soft_tolerances_inside_the_hard_ones_are_refused() -> None:
+    with pytest.raises(ConfigError, match='soft_radius_m 10.0 is inside radius_m 25.0'):
+        GroundTruthConf(soft_radius_m=10)
+    with pytest.raises(ConfigError, match='use 0 \\(none\\) or >= tolerance'):
+        GroundTruthConf(tolerance=2, soft_tolerance=1)
+
+
+def test_duplicate_runs_label_identical_consecutive_frames() -> None:
+    a, b = np.zeros((2, 3, 3), np.uint8), np.ones((2, 3, 3), np.uint8)
+    frames = [a, a.copy(), b, a, a, np.zeros((3, 2, 3), np.uint8)]
+    # Equal only to the frame before counts: the second run of a is a new run.
+    assert duplicate_runs(frames).tolist() == [0, 0, 1, 2, 2, 3]
+    assert duplicate_runs([]).tolist() == []
+
+
+def test_duplicate_frames_widen_positives_over_both_runs() -> None:
+    # Queries 0-2 are one stop (identical frames), references 4 and 5 another.
+    query_runs = np.array([0, 0, 0, 1, 2, 3, 4, 5])
+    reference_runs = np.array([0, 1, 2, 3, 4, 4, 5, 6, 7])
+    aligned = [np.arange(max(q - 1, 0), min(q + 1, 8) + 1) for q in range(8)]
+    widened = widen_over_duplicates(aligned, query_runs, reference_runs)
+    # Queries 0-2 share [0..3]; query 3's [2..4] takes in 5, a copy of 4; query 6's [5..7]
+    # takes in 4; the others keep +-1.
+    assert as_lists(widened) == [
+        [0, 1, 2, 3],
+        [0, 1, 2, 3],
+        [0, 1, 2, 3],
+        [2, 3, 4, 5],
+        [3, 4, 5],
+        [4, 5, 6],
+        [4, 5, 6, 7],
+        [6, 7, 8],
+    ]
+    with pytest.raises(ValueError, match='2 query run labels for 8 queries'):
+        widen_over_duplicates(aligned, query_runs[:2], reference_runs)
+
+
+def test_duplicate_frames_read_the_images_of_both_folders(tmp_path: Path) -> None:
+    def write(folder: str, shades: list[int]) -> ImageFolder:
+        for i, shade in enumerate(shades):
+            path = tmp_path / folder / f'f{i}.png'
+            path.parent.mkdir(exist_ok=True)
+            cv2.imwrite(str(path), np.full((4, 6, 3), shade, np.uint8))
+        return ImageFolder.from_glob(tmp_path / folder, '*.png')
+
+    # The camera stood still for the queries' first two and the references' last two frames.
+    queries = write('queries', [10, 10, 30, 40])
+    reference = write('reference', [10, 20, 30, 40, 40])
+    conf = GroundTruthConf(tolerance=0, duplicate_frames=True)
+    truth = load_ground_truth('aligned', queries, reference, conf)
+    assert as_lists(truth.positives) == [[0, 1], [0, 1], [2], [3, 4]]
+    assert truth.notes == (
+        'duplicate frames: 1 queries and 1 references repeat the frame before them; each run '
+        'of identical frames counts as one place',
+    )
+    soft = load_ground_truth('aligned', queries, reference, conf.replace(soft_tolerance=1))
+    assert soft.soft_positives is not None
+    assert as_lists(soft.soft_positives) == [[0, 1, 2], [0, 1, 2], [1, 2, 3, 4], [2, 3, 4]]

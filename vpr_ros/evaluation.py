@@ -9,11 +9,14 @@ sequence method sees every frame, including the queries without a positive. A me
 ranking is its hypotheses followed by the other places retrieval found (so that Recall@N
 reaches past a re-ranked head), at most ``ranking_depth`` places.
 
-Each method is scored by ``vpr_ros.results.summarize`` (Recall@N over the queries with a
-positive, unknown beyond the places a method returns; the precision-recall curve of its
-top-1 answer thresholded on the confidence and the recall at 100 % precision, where an
-accepted answer to a query without a positive is wrong; latency = the query's extraction
-+ the method's matching). Ground truth comes from ``vpr_ros.ground_truth``.
+Each method is scored by ``vpr_ros.results.summarize``: Recall@N (unknown where a query got
+fewer than N places; ``recall_counts`` says what a method's places are), two
+precision-recall curves of its top-1 answer, one ranked by the confidence the node
+publishes and the standard one ranked by the answer's similarity (``answer_similarity``,
+as stschubert/VPR_Tutorial ranks it), each with its recall at 100 % precision, and
+latency = the query's extraction + the method's matching. Ground truth (positives, soft
+positives) comes from ``vpr_ros.ground_truth``; ``ScoringConf`` picks the recall
+denominator.
 
 Adding a method (the hook). ``METHODS`` maps each name to a function that derives the
 method's settings from the run's base settings (None: the method does not apply, e.g. no
@@ -49,10 +52,10 @@ from vpr_ros.ground_truth import require_a_positive
 from vpr_ros.imagefolders import load_image
 from vpr_ros.metrics import DEFAULT_RECALL_NS
 from vpr_ros.relocalization import RelocalizationConf, RelocalizationResult, Relocalizer
-from vpr_ros.results import EvaluationResult, MethodResult, summarize
+from vpr_ros.results import ALL_QUERIES, EvaluationResult, MethodResult, ScoringConf, summarize
 from vpr_ros.runtime import set_num_threads
 from vpr_ros.sequence import SequenceConf, as_sequence_conf
-from vpr_ros.types import Frame, Pose
+from vpr_ros.types import Frame, Hypothesis, Pose
 
 if TYPE_CHECKING:
     from vpr_ros.extraction import Descriptors
@@ -119,6 +122,40 @@ def ranking_depth(conf: RelocalizationConf) -> int:
     """How many places a method asks for: ``top_k``, or ``sequence.top_k`` in sequence mode
     (Recall@N beyond it is unknown unless the reference is that small)."""
     return conf.sequence.top_k if conf.mode == 'sequence' else conf.top_k
+
+
+def recall_counts(conf: RelocalizationConf) -> str:
+    """What a method's Recall@N counts among: its first N places, in words."""
+    if conf.mode == 'sequence':
+        return (
+            f'the N best sequence matches, one per +-{conf.sequence.exclusion_window} '
+            f'keyframes (distinct stretches of the route)'
+        )
+    if conf.mode == 'single' and conf.rerank_k > 0:
+        return (
+            f'the first N places after {conf.reranker} re-ranking of the top {conf.rerank_k} '
+            f'(then the retrieval order)'
+        )
+    if conf.mode == 'single':
+        return 'the N places most similar by global descriptor'
+    return f'the first N places of mode {conf.mode!r}'
+
+
+def similarity_name(conf: RelocalizationConf) -> str:
+    """What ``answer_similarity`` is for a method's answers, in words."""
+    if conf.mode == 'sequence':
+        return 'the sequence score (mean enhanced similarity of the trajectory)'
+    if conf.mode == 'single' and conf.rerank_k > 0:
+        return f'the {conf.reranker} re-ranking score'
+    return 'the global cosine similarity'
+
+
+def answer_similarity(hypothesis: Hypothesis) -> float:
+    """The score a method ranks its answers by: the re-ranking (or sequence) score where
+    the method computed one, else the global similarity."""
+    if np.isfinite(hypothesis.rerank_score):
+        return hypothesis.rerank_score
+    return hypothesis.global_score
 
 
 def ranking(result: RelocalizationResult, depth: int) -> list[int]:
@@ -253,6 +290,8 @@ def run_methods(
     *,
     num_db: int,
     ns: Sequence[int] = DEFAULT_RECALL_NS,
+    soft_positives: Sequence[Iterable[int]] | None = None,
+    scoring: ScoringConf | None = None,
     progress: bool = False,
 ) -> MethodRuns:
     """Feed every query, in order, to every method, and score each method.
@@ -264,11 +303,15 @@ def run_methods(
         positives: for each query, its positive reference indices (may be empty).
         num_db: the reference size.
         ns: the N of Recall@N.
+        soft_positives: for each query, its soft positives (None: no soft ground truth).
+        scoring: the recall denominator and the standard curve's thresholds.
         progress: show a progress bar.
     """
     count = len(positives)
     rankings: dict[str, list[list[int]]] = {name: [] for name in relocalizers}
-    confidences = {name: np.zeros(count) for name in relocalizers}
+    # The confidence and similarity of each query's answer (NaN: the method gave none).
+    confidences = {name: np.full(count, np.nan) for name in relocalizers}
+    scores = {name: np.full(count, np.nan) for name in relocalizers}
     latencies = {name: np.zeros(count) for name in relocalizers}
     extract_s = np.zeros(count)
     query_globals = np.zeros((count, 0), np.float32)
@@ -288,7 +331,9 @@ def run_methods(
             latencies[name][row] = query.extract_s + time.perf_counter() - started
             rankings[name].append(ranking(result, ranking_depth(relocalizer.conf)))
             best = result.best
-            confidences[name][row] = best.confidence if best is not None else 0.0
+            if best is not None:
+                confidences[name][row] = best.confidence
+                scores[name][row] = answer_similarity(best)
     if row + 1 != count:
         raise ValueError(f'{row + 1} queries for {count} ground-truth entries')
     methods = {}
@@ -298,7 +343,18 @@ def run_methods(
         for q, ranked in enumerate(rankings[name]):
             predictions[q, : len(ranked)] = ranked
         methods[name] = summarize(
-            name, predictions, confidences[name], positives, latencies[name], num_db=num_db, ns=ns
+            name,
+            predictions,
+            confidences[name],
+            positives,
+            latencies[name],
+            num_db=num_db,
+            ns=ns,
+            scores=scores[name],
+            soft_positives=soft_positives,
+            scoring=scoring,
+            recall_counts=recall_counts(relocalizer.conf),
+            similarity=similarity_name(relocalizer.conf),
         )
     return MethodRuns(methods, extract_s, query_globals)
 
@@ -314,6 +370,9 @@ def evaluate(
     query_names: Sequence[str] | None = None,
     reference_positions: np.ndarray | None = None,
     ns: Sequence[int] = DEFAULT_RECALL_NS,
+    soft_positives: Sequence[Iterable[int]] | None = None,
+    scoring: ScoringConf | Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
     batch_size: int = 8,
     num_threads: int | None = None,
     progress: bool = True,
@@ -327,14 +386,20 @@ def evaluate(
         queries: query image files, in the order they were taken.
         positives: for each query, its positive reference indices (map place indices).
             Queries without a positive are matched like the others (so a sequence sees
-            the whole run) but left out of Recall@N; in the precision-recall curve their
-            answer is wrong if accepted (see ``summarize``).
+            the whole run) but left out of Recall@N unless ``scoring`` divides by every
+            query; in the precision-recall curves their answer is wrong if accepted (see
+            ``summarize``).
         conf: the base relocalization settings (or a mapping of overrides of the defaults).
         methods: ``METHODS`` names, derived from ``conf`` (``method_confs``), or ready
             settings by name.
         query_names: names for the report (default: the paths).
         reference_positions: (N, 2) metres for reference images (ignored for a map).
         ns: the N of Recall@N.
+        soft_positives: for each query, its positives within the soft tolerance (None: no
+            soft ground truth; see ``vpr_ros.ground_truth``).
+        scoring: the recall denominator and the standard curve's thresholds (or a mapping
+            of overrides of the defaults).
+        notes: lines about the ground truth for the report.
         batch_size: images per forward pass for the reference images.
         num_threads: torch (and faiss) threads.
         progress: show progress bars.
@@ -349,10 +414,18 @@ def evaluate(
         confs = dict(methods)
     else:
         confs = method_confs(conf, methods, ns=ns)
+    if not isinstance(scoring, ScoringConf):
+        scoring = ScoringConf.from_dict(scoring)
     positive_rows = [np.asarray(sorted(set(int(i) for i in p)), np.int64) for p in positives]
     if len(positive_rows) != len(queries):
         msg = f'{len(positive_rows)} ground-truth entries for {len(queries)} queries'
         raise ValueError(msg)
+    soft_rows = None
+    if soft_positives is not None:
+        soft_rows = [np.asarray(sorted(set(int(i) for i in p)), np.int64) for p in soft_positives]
+        if len(soft_rows) != len(queries):
+            msg = f'{len(soft_rows)} soft ground-truth entries for {len(queries)} queries'
+            raise ValueError(msg)
     names = [str(n) for n in (query_names if query_names is not None else queries)]
     set_num_threads(num_threads)
     shallow = [n for n, c in confs.items() if ranking_depth(c) < max(ns)]
@@ -367,10 +440,13 @@ def evaluate(
     skipped = [names[q] for q, p in enumerate(positive_rows) if not len(p)]
     if skipped:
         logger.warning(
-            '%d of %d queries have no positive in the reference: matched, left out of '
-            'Recall@N, and wrong if accepted in the PR curve (e.g. %r)',
+            '%d of %d queries have no positive in the reference: matched, %s, and wrong if '
+            'accepted in the PR curves (e.g. %r)',
             len(skipped),
             len(queries),
+            'misses in Recall@N'
+            if scoring.recall_denominator == ALL_QUERIES
+            else 'left out of Recall@N',
             skipped[0],
         )
     reference_seconds = 0.0
@@ -396,6 +472,8 @@ def evaluate(
         positive_rows,
         num_db=len(database),
         ns=ns,
+        soft_positives=soft_rows,
+        scoring=scoring,
         progress=progress,
     )
     rerank_k = conf.rerank_k if RERANKED in relocalizers else 0
@@ -415,6 +493,9 @@ def evaluate(
         reference_extraction_s=reference_seconds,
         skipped_queries=skipped,
         info={'model': database.model.to_dict()},
+        scoring=scoring,
+        soft_positives=soft_rows,
+        notes=list(notes),
     )
 
 

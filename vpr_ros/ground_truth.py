@@ -17,12 +17,24 @@ kinds and the functions behind them:
 
 Against a map, the position kinds (utm, csv) compare the query positions with the map's
 place poses (``positives_within_radius``); vprbench indexes the map's places.
+
+Two refinements (``GroundTruthConf``):
+
+* soft ground truth (the ``GTsoft`` of stschubert/VPR_Tutorial and its paper): the same
+  kind with a wider tolerance (``soft_radius_m`` for utm/csv, ``soft_tolerance`` for
+  aligned). A top-1 answer that is a soft but not a hard positive is a near miss, neither
+  right nor wrong: the precision-recall figures leave it out (``vpr_ros.results``);
+* duplicate frames (``duplicate_runs``, ``widen_over_duplicates``): where the camera
+  stood still, consecutive frames are identical; a query may then be matched to the place
+  of any frame of its run, and a reference identical to a positive is a positive
+  (Nordland: "a match on a neighbouring duplicate is fine"). The Nordland benchmark uses
+  the same functions.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import NamedTuple, TypeAlias
@@ -33,6 +45,7 @@ from vpr_ros.config import Conf, option
 from vpr_ros.errors import ConfigError
 from vpr_ros.imagefolders import (
     ImageFolder,
+    load_image,
     natural_key,
     parse_utm,
     positions_from_table,
@@ -293,12 +306,70 @@ def require_a_positive(positives: Sequence[Sequence[int] | np.ndarray]) -> None:
         raise ConfigError(msg)
 
 
+def duplicate_runs(frames: Iterable[np.ndarray]) -> np.ndarray:
+    """Label each frame with its run of identical consecutive frames (0, 1, ...).
+
+    A frame equal, pixel for pixel, to the one before it (a camera standing still) gets
+    that frame's label; any other frame starts a new run.
+    """
+    labels: list[int] = []
+    previous: np.ndarray | None = None
+    run = -1
+    for frame in frames:
+        if previous is None or not np.array_equal(frame, previous):
+            run += 1
+        labels.append(run)
+        previous = frame
+    return np.array(labels, np.int64)
+
+
+def duplicate_runs_of_files(paths: Sequence[str | os.PathLike]) -> np.ndarray:
+    """``duplicate_runs`` of image files, in the given order (decoded, so the same pixels
+    stored twice count as the same frame)."""
+    return duplicate_runs(load_image(p) for p in paths)
+
+
+def widen_over_duplicates(
+    positives: Sequence[np.ndarray], query_runs: np.ndarray, reference_runs: np.ndarray
+) -> list[np.ndarray]:
+    """Positives that treat identical consecutive frames as one place.
+
+    A query that repeats its neighbours' frame cannot tell which of them it is: it gets the
+    positives of every query of its run. A reference identical to a positive shows the same
+    view: every reference of a positive's run is a positive too.
+
+    Args:
+        positives: for each query, its positive reference indices.
+        query_runs: (Q,) ``duplicate_runs`` of the queries, in query order.
+        reference_runs: (N,) ``duplicate_runs`` of the references, in reference order.
+
+    Returns:
+        For each query, sorted reference indices.
+    """
+    query_runs = np.asarray(query_runs, np.int64).reshape(-1)
+    reference_runs = np.asarray(reference_runs, np.int64).reshape(-1)
+    if len(query_runs) != len(positives):
+        raise ValueError(f'{len(query_runs)} query run labels for {len(positives)} queries')
+    members: dict[int, list[int]] = {}
+    for q, run in enumerate(query_runs.tolist()):
+        members.setdefault(run, []).append(q)
+    widened: dict[int, np.ndarray] = {}
+    for run, queries in members.items():
+        union = np.unique(np.concatenate([np.asarray(positives[q], np.int64) for q in queries]))
+        if len(union) and (union.min() < 0 or union.max() >= len(reference_runs)):
+            raise ValueError(f'positives outside the {len(reference_runs)} reference run labels')
+        runs = np.unique(reference_runs[union])
+        widened[run] = np.flatnonzero(np.isin(reference_runs, runs)).astype(np.int64)
+    return [widened[run] for run in query_runs.tolist()]
+
+
 # -- the kinds evaluate offers ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class GroundTruthConf(Conf):
-    """How positives are decided (evaluate's --radius-m, --tolerance, --folder-depth)."""
+    """How positives are decided (evaluate's --radius-m, --tolerance, --folder-depth, and the
+    soft and duplicate-frame refinements)."""
 
     radius_m: float = option(
         DEFAULT_RADIUS_M,
@@ -315,6 +386,44 @@ class GroundTruthConf(Conf):
     folder_depth: int = option(
         1, 'folder: how many leading folders name the place (e.g. 1 for pK/i0/x.jpg)', min=1
     )
+    soft_radius_m: float = option(
+        0.0,
+        'utm, csv: soft ground truth (VPR_Tutorial GTsoft); a top-1 answer within this '
+        'distance that is not a positive is a near miss, left out of the precision-recall '
+        'figures instead of counted wrong (0: none; else >= radius-m)',
+        unit='m',
+        min=0.0,
+    )
+    soft_tolerance: int = option(
+        0,
+        'aligned: soft ground truth (VPR_Tutorial GTsoft); a top-1 answer within this many '
+        'frames that is not a positive is a near miss, left out of the precision-recall '
+        'figures instead of counted wrong (0: none; else >= tolerance)',
+        unit='frames',
+        min=0,
+    )
+    duplicate_frames: bool = option(
+        False,
+        'treat runs of identical consecutive images (a camera standing still, e.g. '
+        "Nordland's stops) as one place: a query gets the positives of its whole run, and a "
+        'reference identical to a positive is one (reads every image once; needs '
+        '--db-images)',
+    )
+
+    def validate(self) -> None:
+        if 0.0 < self.soft_radius_m < self.radius_m:
+            msg = (
+                f'soft_radius_m {self.soft_radius_m!r} is inside radius_m {self.radius_m!r}; '
+                f'soft ground truth widens the positives: use 0 (none) or >= radius_m'
+            )
+            raise ConfigError(msg)
+        if 0 < self.soft_tolerance < self.tolerance:
+            msg = (
+                f'soft_tolerance {self.soft_tolerance!r} is inside tolerance '
+                f'{self.tolerance!r}; soft ground truth widens the positives: use 0 (none) '
+                f'or >= tolerance'
+            )
+            raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -335,10 +444,17 @@ Reference: TypeAlias = ImageFolder | MapPlaces
 
 class GroundTruth(NamedTuple):
     """Positives of each query, and the reference images' (x, y) positions in metres when
-    the ground truth knows them (None otherwise, and for a map, which has its own)."""
+    the ground truth knows them (None otherwise, and for a map, which has its own).
+
+    ``soft_positives``: for each query, its positives within the wider soft tolerance (a
+    superset of ``positives``), or None without soft ground truth. ``notes``: one line per
+    refinement applied, for the report.
+    """
 
     positives: list[np.ndarray]
     reference_positions: np.ndarray | None = None
+    soft_positives: list[np.ndarray] | None = None
+    notes: tuple[str, ...] = ()
 
 
 GroundTruthLoader = Callable[[Path | None, ImageFolder, Reference, GroundTruthConf], GroundTruth]
@@ -355,6 +471,8 @@ class GroundTruthKind:
         takes_file: given as ``kind:FILE``.
         file_example: a file name for messages.
         with_map: it also works against a map (by place poses or place indices).
+        soft: the ``GroundTruthConf`` option that widens it into soft ground truth ('' if
+            it has none).
     """
 
     load: GroundTruthLoader
@@ -362,6 +480,7 @@ class GroundTruthKind:
     takes_file: bool = False
     file_example: str = ''
     with_map: bool = False
+    soft: str = ''
 
 
 def _by_position(
@@ -372,20 +491,25 @@ def _by_position(
     conf: GroundTruthConf,
     frame: str,
 ) -> GroundTruth:
-    """Positives within ``conf.radius_m``: of reference images (positions from
-    ``reference_xy``) or of map places (their poses, which must be in ``frame``)."""
+    """Positives within ``conf.radius_m`` (soft ones within ``conf.soft_radius_m``): of
+    reference images (positions from ``reference_xy``) or of map places (their poses, which
+    must be in ``frame``)."""
     if isinstance(reference, MapPlaces):
-        map_xy = reference.positions
-        if np.isnan(map_xy).any():
+        xy = reference.positions
+        if np.isnan(xy).any():
             msg = (
                 f'map {str(reference.directory)!r} has places without poses; --gt {kind} '
                 f'needs a map built with a pose topic in {frame}'
             )
             raise ConfigError(msg)
-        check_same_frame(reference.directory, map_xy, query_xy, kind=kind, frame=frame)
-        return GroundTruth(positives_within_radius(map_xy, query_xy, conf.radius_m))
-    db_xy = reference_xy(reference)
-    return GroundTruth(positives_within_radius(db_xy, query_xy, conf.radius_m), db_xy)
+        check_same_frame(reference.directory, xy, query_xy, kind=kind, frame=frame)
+        positions = None
+    else:
+        xy = positions = reference_xy(reference)
+    soft = None
+    if conf.soft_radius_m > 0:
+        soft = positives_within_radius(xy, query_xy, conf.soft_radius_m)
+    return GroundTruth(positives_within_radius(xy, query_xy, conf.radius_m), positions, soft)
 
 
 def _utm_positions(images: ImageFolder) -> np.ndarray:
@@ -425,8 +549,11 @@ def _load_aligned(
     file: Path | None, queries: ImageFolder, reference: Reference, conf: GroundTruthConf
 ) -> GroundTruth:
     assert isinstance(reference, ImageFolder), 'aligned needs reference file names'
-    names = reference.names()
-    return GroundTruth(positives_frame_aligned(names, queries.names(), conf.tolerance))
+    names, query_names = reference.names(), queries.names()
+    soft = None
+    if conf.soft_tolerance > 0:
+        soft = positives_frame_aligned(names, query_names, conf.soft_tolerance)
+    return GroundTruth(positives_frame_aligned(names, query_names, conf.tolerance), None, soft)
 
 
 def _load_folder(
@@ -443,6 +570,7 @@ GROUND_TRUTHS: dict[str, GroundTruthKind] = {
         '"@east@north@" in the file names (metres), positives within --radius-m (with --map: '
         'against the map poses, x = east, y = north)',
         with_map=True,
+        soft='soft_radius_m',
     ),
     'csv': GroundTruthKind(
         _load_csv,
@@ -453,6 +581,7 @@ GROUND_TRUTHS: dict[str, GroundTruthKind] = {
         takes_file=True,
         file_example='data.csv',
         with_map=True,
+        soft='soft_radius_m',
     ),
     'vprbench': GroundTruthKind(
         _load_vprbench,
@@ -467,6 +596,7 @@ GROUND_TRUTHS: dict[str, GroundTruthKind] = {
         _load_aligned,
         'frame-aligned traverses, the reference with the same relative file name +- '
         '--tolerance frames',
+        soft='soft_tolerance',
     ),
     'folder': GroundTruthKind(
         _load_folder,
@@ -519,14 +649,73 @@ def load_ground_truth(
     reference: Reference,
     conf: GroundTruthConf | None = None,
 ) -> GroundTruth:
-    """Positives of every query from a ``--gt`` value (see ``GROUND_TRUTHS``).
+    """Positives of every query from a ``--gt`` value (see ``GROUND_TRUTHS``), with the soft
+    and duplicate-frame refinements ``conf`` asks for.
 
     Raises:
-        ConfigError: a bad value (``parse_ground_truth``) or bad ground-truth data.
+        ConfigError: a bad value (``parse_ground_truth``), bad ground-truth data, a soft
+            option the kind has none of, or duplicate frames against a map.
         FileNotFoundError: its file does not exist.
     """
+    conf = conf or GroundTruthConf()
     name, file = parse_ground_truth(value, with_map=isinstance(reference, MapPlaces))
-    return GROUND_TRUTHS[name].load(file, queries, reference, conf or GroundTruthConf())
+    kind = GROUND_TRUTHS[name]
+    check_refinements(name, conf, with_map=isinstance(reference, MapPlaces))
+    truth = kind.load(file, queries, reference, conf)
+    notes: list[str] = []
+    if truth.soft_positives is not None:
+        width = (
+            f'{conf.soft_radius_m:g} m'
+            if kind.soft == 'soft_radius_m'
+            else f'+-{conf.soft_tolerance} frames'
+        )
+        notes.append(
+            f'soft ground truth: a top-1 answer within {width} that is not a positive is a '
+            f'near miss, neither right nor wrong in the PR figures (VPR_Tutorial GTsoft); R@N '
+            f'counts positives only'
+        )
+    if conf.duplicate_frames:
+        assert isinstance(reference, ImageFolder), 'check_refinements refuses a map'
+        query_runs = duplicate_runs_of_files(queries.paths)
+        reference_runs = duplicate_runs_of_files(reference.paths)
+        positives = widen_over_duplicates(truth.positives, query_runs, reference_runs)
+        soft = truth.soft_positives
+        if soft is not None:
+            soft = widen_over_duplicates(soft, query_runs, reference_runs)
+        notes.append(
+            f'duplicate frames: {len(queries) - len(np.unique(query_runs))} queries and '
+            f'{len(reference) - len(np.unique(reference_runs))} references repeat the frame '
+            f'before them; each run of identical frames counts as one place'
+        )
+        truth = truth._replace(positives=positives, soft_positives=soft)
+    return truth._replace(notes=truth.notes + tuple(notes))
+
+
+def check_refinements(name: str, conf: GroundTruthConf, *, with_map: bool = False) -> None:
+    """Refuse soft or duplicate-frame options the ground-truth kind ``name`` cannot use.
+
+    Raises:
+        ConfigError: e.g. ``soft_tolerance`` with ``--gt utm`` (which widens by
+            ``soft_radius_m``), or ``duplicate_frames`` against a map.
+    """
+    kind = GROUND_TRUTHS[name]
+    for option_name in ('soft_radius_m', 'soft_tolerance'):
+        if getattr(conf, option_name) and kind.soft != option_name:
+            users = [n for n, k in GROUND_TRUTHS.items() if k.soft == option_name]
+            instead = ''
+            if kind.soft:
+                instead = f'; --gt {name} widens with --{kind.soft.replace("_", "-")}'
+            msg = (
+                f'--{option_name.replace("_", "-")} applies to --gt {" or ".join(users)}, not '
+                f'{name!r}{instead}'
+            )
+            raise ConfigError(msg)
+    if conf.duplicate_frames and with_map:
+        msg = (
+            '--duplicate-frames compares the reference images, which a map does not keep; '
+            'evaluate against --db-images, or leave it off'
+        )
+        raise ConfigError(msg)
 
 
 def check_same_frame(

@@ -2,10 +2,14 @@
 
 Runs the shipped relocalization pipeline against a map or a folder of reference images,
 once per method (retrieval only, re-ranked, sequence matching; ``vpr_ros.evaluation``), and
-reports Recall@1/5/10/20, recall at 100 % precision of the top-1 answer and per-query
-latency. This module only parses flags: the relocalization flags come from the
-``RelocalizationConf`` table, the ground-truth ones from ``vpr_ros.ground_truth``; torch and
-the model load inside the command, so ``--help`` and mistakes in the flags answer at once.
+reports Recall@1/5/10/20, recall at 100 % precision and the area under the precision-recall
+curve of the top-1 answer, ranked both by the node's confidence and by the similarity (the
+standard figures, as stschubert/VPR_Tutorial computes them; ``vpr_ros.results``), and
+per-query latency. This module only parses flags: the relocalization flags come from the
+``RelocalizationConf`` table, the ground-truth ones from ``GroundTruthConf``
+(``vpr_ros.ground_truth``: soft ground truth, duplicate frames), the scoring ones from
+``ScoringConf`` (the recall denominator); torch and the model load inside the command, so
+``--help`` and mistakes in the flags answer at once.
 
 Examples::
 
@@ -18,7 +22,9 @@ Examples::
     evaluate --map maps/campus --queries campus_route --gt csv:campus_route/data.csv
     evaluate --db-images db --queries q --gt vprbench:ground_truth.npz
     evaluate --db-images nordland64/summer --queries nordland64/winter --gt aligned \\
-        --mode both --sequence-length 20
+        --mode both --sequence-length 20 --soft-tolerance 10 --duplicate-frames
+    evaluate --db-images pitts/database --queries pitts/queries --gt utm \\
+        --soft-radius-m 50 --recall-denominator all
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ from vpr_ros.evaluation import METHODS, RERANKED, RETRIEVAL, SEQUENCE, method_co
 from vpr_ros.ground_truth import (
     GROUND_TRUTHS,
     GroundTruthConf,
+    check_refinements,
     ground_truth_choices,
     parse_ground_truth,
 )
 from vpr_ros.models import CONFS, DEFAULT_MODEL, available_models
 from vpr_ros.relocalization import RelocalizationConf
+from vpr_ros.results import ScoringConf
 
 # --mode names groups of methods.
 MODES = {
@@ -61,10 +69,13 @@ def make_parser() -> argparse.ArgumentParser:
         description=(
             'Evaluate place recognition: match query images against a map or a folder of '
             'reference images with the shipped pipeline and report Recall@N with and without '
-            're-ranking, recall at 100 % precision and per-query latency. Images are ordered by '
-            'name with numbers by value (2 before 10). Queries without a positive in the '
-            'reference are still matched but left out of Recall@N; in the precision-recall '
-            'curve an accepted answer to one is wrong.'
+            're-ranking, recall at 100 % precision and the area under the precision-recall '
+            "curve of the top-1 answer ranked by the node's confidence (conf) and by its "
+            'similarity (sim: the standard figures, as VPR_Tutorial computes them), and '
+            'per-query latency. Images are ordered by name with numbers by value (2 before '
+            '10). Queries without a positive in the reference are still matched and left out '
+            'of Recall@N (unless --recall-denominator all); in the precision-recall curves an '
+            'accepted answer to one is wrong.'
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -107,6 +118,7 @@ def make_parser() -> argparse.ArgumentParser:
         + ' '.join(f'{c}: {GROUND_TRUTHS[c.split(":")[0]].help}.' for c in choices),
     )
     add_arguments(parser.add_argument_group('ground truth'), GroundTruthConf)
+    add_arguments(parser.add_argument_group('scoring (vpr_ros.results)'), ScoringConf)
     parser.add_argument(
         '--model',
         default=DEFAULT_MODEL,
@@ -173,6 +185,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     """The command: check the flags, then list, load, match, score and report."""
     gt_kind, _ = parse_ground_truth(args.gt, with_map=args.map is not None)
     gt_conf = conf_from_args(GroundTruthConf, args)
+    check_refinements(gt_kind, gt_conf, with_map=args.map is not None)
+    scoring = conf_from_args(ScoringConf, args)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f'--limit must be >= 1, got {args.limit!r}')
     # --rerank-k is at most --top-k: only retrieved places can be re-ranked.
@@ -205,6 +219,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         'query_glob': args.query_glob,
         'gt': args.gt,
         **gt_conf.to_dict(),
+        **scoring.to_dict(),
         'model': args.model,
         'image_size': args.image_size,
         'limit': args.limit,
@@ -244,6 +259,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         logger.info('--limit: %d of %d queries, evenly spaced', len(selected), len(queries))
     queries = queries.subset(selected)
     positives = [truth.positives[i] for i in selected]
+    soft_positives = None
+    if truth.soft_positives is not None:
+        soft_positives = [truth.soft_positives[i] for i in selected]
     require_a_positive(positives)  # before the model and any extraction
 
     from vpr_ros.models import load_model
@@ -258,6 +276,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         methods=confs,
         query_names=queries.names(),
         reference_positions=truth.reference_positions,
+        soft_positives=soft_positives,
+        scoring=scoring,
+        notes=truth.notes,
         batch_size=args.batch_size,
         num_threads=args.threads,
         progress=not args.no_progress,
