@@ -119,7 +119,7 @@ SIMILARITY = np.array(
 
 def test_best_match_per_query_marks_near_misses_of_soft_ground_truth() -> None:
     best = best_match_per_query(SIMILARITY, HARD, SOFT)
-    assert best.index.tolist() == [0, 1, 1]
+    assert best.reference.tolist() == [0, 1, 1]
     np.testing.assert_allclose(best.score, [0.9, 0.7, 0.45])
     assert best.correct.tolist() == [True, False, False]
     assert best.near_miss.tolist() == [False, True, False]

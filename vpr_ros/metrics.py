@@ -188,10 +188,10 @@ def area_under_pr_curve(precision: np.ndarray, recall: np.ndarray) -> float:
 
 
 class BestMatches(NamedTuple):
-    """Each query's single best match: reference index, similarity, whether it is a
+    """Each query's single best match: its reference index, similarity, whether it is a
     positive, and whether it is a near miss (a soft but not a hard positive)."""
 
-    index: np.ndarray
+    reference: np.ndarray
     score: np.ndarray
     correct: np.ndarray
     near_miss: np.ndarray
