@@ -3,7 +3,8 @@ under the curve, on hand-computed queries.
 
 The standard figures follow stschubert/VPR_Tutorial ``evaluation/metrics.py``
 (``createPR``/``recallAt100precision`` with ``matching='single'``, ``np.trapz(P, R)``): the
-hand-computed values below are what those functions return for the same inputs.
+hand-computed values of the standard curves below are what those functions return for the
+same inputs (near misses aside: VPR_Tutorial refuses soft ground truth for single matching).
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ name. Anything the pipeline runs can be evaluated this way:
 * another mode, e.g. a filter over places: register its evidence in
   ``vpr_ros.evidence.EVIDENCE`` (a new ``RelocalizationConf.mode``), then
   ``METHODS['filter'] = lambda conf: conf.replace(mode='filter')``; if it answers with a
-  depth other than ``top_k``, say so in ``ranking_depth``.
+  depth other than ``top_k``, say so in ``ranking_depth``, and say in ``recall_counts``
+  and ``similarity_name`` what its places and its hypotheses' scores are (the report
+  prints both).
 
 The text table, ``results.json``, ``per_query.csv`` and the PR plot cover every method run.
 """
