@@ -575,8 +575,8 @@ def write_results(
         out_dir / 'pr_curve.png',
         dashed=dashed,
         colour_of=colour_of,
-        title='Top-1 precision-recall. Solid: ranked by confidence (the node); dashed: ranked '
-        'by similarity (standard, VPR_Tutorial)',
+        title='Top-1 precision-recall\nsolid: ranked by confidence (the node); dashed: ranked by '
+        'similarity (standard, VPR_Tutorial)',
     )
     return {'json': json_path, 'csv': csv_path, 'png': png_path}
 
