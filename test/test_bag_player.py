@@ -123,18 +123,19 @@ def test_bag_player_options_come_from_its_settings_table(tmp_path: Path, capsys)
     ],
     ids=['help', 'bad-choice', 'out-of-range'],
 )
-def test_bag_player_help_and_argument_errors_come_back_fast(
+def test_bag_player_help_and_argument_errors_come_back_before_heavy_imports(
     argv: list[str], code: int, text: str
 ) -> None:
-    start = time.monotonic()
+    # Speed itself is measured by benchmarks, not asserted here (CI machines are noisy):
+    # what keeps --help fast is that nothing heavy is imported before it answers.
     result = subprocess.run(
-        [sys.executable, '-m', 'vpr_ros.nodes.bag_player', *argv],
+        [sys.executable, '-X', 'importtime', '-m', 'vpr_ros.nodes.bag_player', *argv],
         env=ros_environment(),
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
     )
-    seconds = time.monotonic() - start
     assert result.returncode == code, result.stderr
     assert text in result.stdout + result.stderr
-    assert seconds < 1.5, f'{argv} took {seconds:.2f} s'
+    imported = {line.rsplit('|', 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert not imported & {'torch', 'timm', 'faiss', 'cv2'}, sorted(imported & {'torch', 'faiss'})
