@@ -259,13 +259,18 @@ def check_map_target(path: str | os.PathLike[str], *, what: str = 'the map direc
     except OSError as err:
         raise _write_error(path, err) from err
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # a read-only file system: the probe was never made
+            pass
 
 
 def _write_error(path: Path, err: OSError) -> DatabaseError:
     """A one-line error for a failed write of map ``path``."""
     reason = err.strerror or str(err)
-    if err.errno == errno.ENOSPC:
+    if err.errno is None and 'requested and' in reason:  # numpy's short write
+        reason = f'No space left on device ({reason})'
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) or reason.startswith('No space'):
         fix = 'free some space on that disk or choose another map directory'
     elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         fix = 'choose a writable map directory (or fix its permissions)'
@@ -1103,7 +1108,8 @@ def _mmap_checked(file: Path, info: Mapping[str, Any], verify: bool) -> np.ndarr
     try:
         array = np.load(file, mmap_mode='r', allow_pickle=False)
     except (ValueError, OSError) as err:  # also a header that claims more than the file
-        raise DatabaseError(f'cannot read map file {str(file)!r}: {err}') from err
+        msg = f'cannot read map file {str(file)!r}: {err}; rebuild the map'
+        raise DatabaseError(msg) from err
     if not isinstance(array, np.ndarray):
         raise DatabaseError(f'map file {str(file)!r} is not an npy array; rebuild the map')
     return array
