@@ -119,7 +119,7 @@ def compressed_image_size(data: Any) -> tuple[int, int] | None:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', PilImage.DecompressionBombWarning)
         try:
-            with PilImage.open(io.BytesIO(_as_uint8(data))) as image:
+            with PilImage.open(io.BytesIO(_as_uint8(data).tobytes())) as image:
                 width, height = image.size
         except PilImage.DecompressionBombError:
             return (1 << 16, 1 << 16)  # more than Pillow's own limit of about 179 MP
