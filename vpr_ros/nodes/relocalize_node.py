@@ -11,7 +11,10 @@ frame's stamp in every header:
   confidence reaches ``confidence_threshold``;
 * ``~/hypothesis_poses`` (``geometry_msgs/PoseArray``): the hypotheses' poses, for RViz;
 * ``/diagnostics``: rate, latency (with its stages), dropped and skipped frames, map size,
-  last error.
+  last error. The level is WARN while frames were skipped within the last
+  ``STATUS_WINDOW_PERIODS`` periods, or while a camera topic has publishers but no frame
+  arrives (the message names the likely cause: large raw frames sent best effort through
+  Fast DDS without the shipped profile, or a QoS mismatch).
 
 Services: ``~/reload_map`` (``std_srvs/Trigger``) loads ``map_dir`` again and swaps it in;
 ``~/enable`` (``std_srvs/SetBool``) pauses and resumes processing.
@@ -40,18 +43,20 @@ from std_srvs.srv import SetBool, Trigger
 
 from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase
+from vpr_ros.dds import no_frames_hint
 from vpr_ros.errors import ConfigError, ImageDecodeError
-from vpr_ros.images import failure_reason, msg_to_rgb
+from vpr_ros.images import DEFAULT_MAX_PIXELS, failure_reason, msg_to_rgb
 from vpr_ros.models import available_models, load_model
 from vpr_ros.nodes.common import (
     CAMERA_QOS,
+    STATUS_WINDOW_PERIODS,
     TRANSPORTS,
     NodeStats,
     diagnostic_status,
     run_node,
 )
 from vpr_ros.nodes.conversions import hypotheses_to_cloud, pose_array, pose_with_covariance
-from vpr_ros.nodes.params import declare_conf
+from vpr_ros.nodes.params import declare_conf, validate_changes
 from vpr_ros.relocalization import RelocalizationConf, Relocalizer
 
 if TYPE_CHECKING:
@@ -123,6 +128,13 @@ class RelocalizeNodeConf(Conf):
         min=0.0,
     )
     num_threads: int = option(0, 'Torch threads for the model (0: torch default)', min=0)
+    max_image_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        'Frames with more pixels (width * height, from the message fields or the compressed '
+        'header) are skipped before decoding and counted',
+        unit='px',
+        min=1,
+    )
     diagnostics_period_s: float = option(
         1.0, 'Period of the status on /diagnostics', unit='s', min=0.05
     )
@@ -142,6 +154,8 @@ class RelocalizeNodeConf(Conf):
 
 
 _WARN_THROTTLE_S = 5.0
+NO_FRAMES_WARN_S = 5.0
+"""A camera topic with publishers but no frame for this long gets a warning."""
 
 
 @dataclass
@@ -266,6 +280,11 @@ class RelocalizeNode(Node):
             transports = transports * len(topics)
         self._topics = topics
         self._frames = _LatestFrames(len(topics))
+        # Per camera: when its last frame came, and since when publishers are matched
+        # (monotonic seconds; None: not yet / none).
+        self._last_frame: list[float | None] = [None] * len(topics)
+        self._publishers_since: list[float | None] = [None] * len(topics)
+        self._transport_warnings: list[str] = []
         self._stats = _Stats()
         self._enabled = True
         # Camera callbacks only store messages; services and diagnostics have their own groups
@@ -293,6 +312,9 @@ class RelocalizeNode(Node):
             self.diagnostics_callback,
             callback_group=MutuallyExclusiveCallbackGroup(),
         )
+        self.add_on_set_parameters_callback(
+            validate_changes(RelocalizeNodeConf, lambda: self.conf, self._apply_conf)
+        )
 
         self._worker = threading.Thread(target=self._work, name='relocalize-worker', daemon=True)
         self._worker.start()
@@ -308,9 +330,24 @@ class RelocalizeNode(Node):
             self._model, database, self.conf.relocalization, num_threads=self._num_threads
         )
 
+    def _apply_conf(self, conf: RelocalizeNodeConf) -> None:
+        """A run-time parameter change the settings table accepted: the matching settings
+        (top_k, rerank_k) take effect with the next frame; map_dir with ~/reload_map."""
+        with self._map_lock:
+            current = self._relocalizer
+            if conf.relocalization != current.conf:
+                self._relocalizer = Relocalizer(
+                    self._model,
+                    current.database,
+                    conf.relocalization,
+                    num_threads=self._num_threads,
+                )
+            self.conf = conf
+
     # -- callbacks ----------------------------------------------------------------------
 
     def camera_callback(self, camera: int, msg: Image | CompressedImage) -> None:
+        self._last_frame[camera] = time.monotonic()
         if self._enabled:
             self._frames.put(camera, msg)
 
@@ -329,6 +366,7 @@ class RelocalizeNode(Node):
             return response
         with self._map_lock:
             old, self._relocalizer, self._map_dir = self._relocalizer, relocalizer, map_dir
+        self._stats.clear_error()
         response.success = True
         response.message = (
             f'loaded map {map_dir!r}: {len(relocalizer.database)} places (was {len(old.database)})'
@@ -350,8 +388,37 @@ class RelocalizeNode(Node):
         self.get_logger().info(f'relocalization {response.message}')
         return response
 
+    def _check_transport(self) -> list[str]:
+        """Cameras that have publishers but send no frames, with the likely cause; logged
+        (throttled) and returned for /diagnostics."""
+        now = time.monotonic()
+        problems = []
+        for camera, (topic, subscription) in enumerate(
+            zip(self._topics, self._camera_subscriptions)
+        ):
+            matched = subscription.get_publisher_count()
+            if matched == 0:
+                self._publishers_since[camera] = None
+                if self.count_publishers(subscription.topic_name) > 0:
+                    problems.append(
+                        f'camera topic {topic!r} has publishers whose QoS does not match '
+                        f'camera_qos {self.conf.camera_qos!r}; publish reliable, or set '
+                        'camera_qos: sensor_data (best effort takes any publisher)'
+                    )
+                continue
+            since = self._publishers_since[camera]
+            if since is None:
+                self._publishers_since[camera] = since = now
+            last = self._last_frame[camera]
+            if now - max(since, last or since) > NO_FRAMES_WARN_S:
+                problems.append(no_frames_hint(topic))
+        for problem in problems:
+            self.get_logger().warning(problem, throttle_duration_sec=30.0)
+        return problems
+
     def diagnostics_callback(self) -> None:
-        stats = self._stats.snapshot()
+        stats = self._stats.snapshot(STATUS_WINDOW_PERIODS * self.conf.diagnostics_period_s)
+        transport = self._check_transport() if self._enabled else []
         last_best = self._stats.last_best
         with self._map_lock:
             database, map_dir = self._relocalizer.database, self._map_dir
@@ -365,6 +432,7 @@ class RelocalizeNode(Node):
             'frames_dropped': self._frames.dropped,
             'frames_skipped': stats.skipped_total,
             'skipped_reasons': stats.skipped_summary,
+            'frames_skipped_recently': stats.recent_skipped.total,
             'map_dir': map_dir,
             'map_places': len(database),
             'model': self._model.name,
@@ -374,8 +442,11 @@ class RelocalizeNode(Node):
         level, message = DiagnosticStatus.OK, 'relocalizing'
         if not self._enabled:
             message = 'disabled'
-        elif stats.skipped_total:
-            level, message = DiagnosticStatus.WARN, f'skipped frames: {stats.skipped_summary}'
+        elif transport:
+            level, message = DiagnosticStatus.WARN, '; '.join(transport)
+        elif stats.recent_skipped.total:
+            summary = stats.recent_skipped.summary()
+            level, message = DiagnosticStatus.WARN, f'skipped frames recently: {summary}'
         self._diagnostics_pub.publish(
             diagnostic_status(self, 'relocalization', level, message, values)
         )
@@ -409,7 +480,7 @@ class RelocalizeNode(Node):
         msg = pending.msg
         started = time.monotonic()
         try:
-            rgb = msg_to_rgb(msg)
+            rgb = msg_to_rgb(msg, max_pixels=self.conf.max_image_pixels)
         except ImageDecodeError as err:
             self._stats.error(failure_reason(err), str(err))
             self.get_logger().warning(
