@@ -85,9 +85,9 @@ def no_frames_hint(topic: str) -> str:
     profile = shipped_profile()
     where = str(profile) if profile else f'config/{PROFILE_NAME} of vpr_ros'
     return (
-        f'camera topic {topic!r} has publishers but no frame arrived: with Fast DDS, raw '
-        'images over 512 kB published best effort are dropped unless the publisher runs '
-        f'with a larger shared-memory segment; start the camera driver with '
+        f'camera topic {topic!r} has publishers but its frames do not arrive: with Fast '
+        'DDS, raw images over 512 kB published best effort are dropped unless the publisher '
+        f'runs with a larger shared-memory segment; start the camera driver with '
         f'{PROFILE_ENV}={where}, or publish reliable (and set camera_qos: reliable), or '
         'use compressed images'
     )

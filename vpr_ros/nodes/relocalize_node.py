@@ -28,6 +28,7 @@ import functools
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
@@ -284,7 +286,12 @@ class RelocalizeNode(Node):
         # (monotonic seconds; None: not yet / none).
         self._last_frame: list[float | None] = [None] * len(topics)
         self._publishers_since: list[float | None] = [None] * len(topics)
-        self._transport_warnings: list[str] = []
+        self._matched = [0] * len(topics)
+        # Frames received and frames DDS reports lost in transport, per camera, and their
+        # values at past diagnostics ticks (for the rate over the last NO_FRAMES_WARN_S).
+        self._camera_received = [0] * len(topics)
+        self._camera_lost = [0] * len(topics)
+        self._transport_history: deque[tuple[float, list[int], list[int]]] = deque()
         self._stats = _Stats()
         self._enabled = True
         # Camera callbacks only store messages; services and diagnostics have their own groups
@@ -297,6 +304,9 @@ class RelocalizeNode(Node):
                 functools.partial(self.camera_callback, camera),
                 CAMERA_QOS[conf.camera_qos],
                 callback_group=camera_group,
+                event_callbacks=SubscriptionEventCallbacks(
+                    message_lost=functools.partial(self._frames_lost, camera)
+                ),
             )
             for camera, (topic, transport) in enumerate(zip(topics, transports))
         ]
@@ -348,6 +358,7 @@ class RelocalizeNode(Node):
 
     def camera_callback(self, camera: int, msg: Image | CompressedImage) -> None:
         self._last_frame[camera] = time.monotonic()
+        self._camera_received[camera] += 1
         if self._enabled:
             self._frames.put(camera, msg)
 
@@ -388,15 +399,34 @@ class RelocalizeNode(Node):
         self.get_logger().info(f'relocalization {response.message}')
         return response
 
+    def _frames_lost(self, camera: int, event: Any) -> None:
+        """DDS lost samples of this camera in transport (e.g. fragments that never all came)."""
+        self._camera_lost[camera] += int(event.total_count_change)
+
     def _check_transport(self) -> list[str]:
-        """Cameras that have publishers but send no frames, with the likely cause; logged
-        (throttled) and returned for /diagnostics."""
+        """Cameras whose publishers send no frames, with the likely cause; logged
+        (throttled) and returned for /diagnostics.
+
+        A camera is suspect when, over the last ``NO_FRAMES_WARN_S``, DDS lost at least as
+        many of its frames in transport as arrived, or when a publisher joined its topic
+        that long ago and no frame arrived since (large raw frames sent best effort through
+        Fast DDS without the shipped profile are lost), or when the topic has publishers
+        that do not match the subscription's QoS.
+        """
         now = time.monotonic()
         problems = []
+        history = self._transport_history
+        history.append((now, list(self._camera_received), list(self._camera_lost)))
+        while len(history) > 1 and history[1][0] <= now - NO_FRAMES_WARN_S:
+            history.popleft()
+        then, received_then, lost_then = history[0]
         for camera, (topic, subscription) in enumerate(
             zip(self._topics, self._camera_subscriptions)
         ):
             matched = subscription.get_publisher_count()
+            if matched > self._matched[camera]:  # a publisher joined: frames should follow
+                self._publishers_since[camera] = now
+            self._matched[camera] = matched
             if matched == 0:
                 self._publishers_since[camera] = None
                 if self.count_publishers(subscription.topic_name) > 0:
@@ -406,12 +436,17 @@ class RelocalizeNode(Node):
                         'camera_qos: sensor_data (best effort takes any publisher)'
                     )
                 continue
-            since = self._publishers_since[camera]
-            if since is None:
-                self._publishers_since[camera] = since = now
-            last = self._last_frame[camera]
-            if now - max(since, last or since) > NO_FRAMES_WARN_S:
-                problems.append(no_frames_hint(topic))
+            lost = self._camera_lost[camera] - lost_then[camera]
+            received = self._camera_received[camera] - received_then[camera]
+            since, last = self._publishers_since[camera], self._last_frame[camera]
+            if now - then >= NO_FRAMES_WARN_S - 1e-3 and lost > 0 and lost >= received:
+                problems.append(
+                    f'{lost} frames lost in transport, {received} arrived: '
+                    + no_frames_hint(topic)
+                )
+            elif since is not None and (last is None or last < since):
+                if now - since > NO_FRAMES_WARN_S:
+                    problems.append(no_frames_hint(topic))
         for problem in problems:
             self.get_logger().warning(problem, throttle_duration_sec=30.0)
         return problems
@@ -428,6 +463,7 @@ class RelocalizeNode(Node):
             'processing_rate_hz': stats.rate_hz,
             **stats.timing_values('latency'),
             'frames_received': self._frames.received,
+            'frames_lost_in_transport': sum(self._camera_lost),
             'frames_processed': stats.processed,
             'frames_dropped': self._frames.dropped,
             'frames_skipped': stats.skipped_total,
