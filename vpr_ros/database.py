@@ -293,6 +293,7 @@ def _check_replaceable(path: Path) -> None:
 
 # -- writer lock ---------------------------------------------------------------------------
 
+_MIN_LOCK_WAIT_S = 1.0
 _HELD: dict[str, tuple[int, int]] = {}  # real path -> (fd, depth) of locks this process holds
 _HELD_GUARD = threading.Lock()
 
@@ -340,7 +341,8 @@ def map_lock(path: str | os.PathLike[str], *, timeout_s: float = 0.0) -> Iterato
     except OSError as err:
         raise _write_error(path, err) from err
     try:
-        deadline = time.monotonic() + max(timeout_s, 0.0)
+        # At least a moment: a reader may hold the lock briefly to collect leftovers.
+        deadline = time.monotonic() + max(timeout_s, _MIN_LOCK_WAIT_S)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -478,6 +480,19 @@ def collect_leftovers(path: str | os.PathLike[str]) -> list[str]:
     elif not pointer_ok and (path / CURRENT).exists():
         logger.warning('map %r: %s is damaged; the next save replaces it', str(path), CURRENT)
     return removed
+
+
+def _has_leftovers(path: Path) -> bool:
+    """Whether ``collect_leftovers`` would remove anything (a cheap look, no lock)."""
+    if not path.is_dir():
+        return False
+    names = [entry.name for entry in path.iterdir()]
+    generations = sum(GENERATION_PATTERN.match(n) is not None for n in names)
+    return (
+        generations > KEEP_GENERATIONS
+        or any(n.startswith('.gen-') or n == CURRENT + '.tmp' for n in names)
+        or (CURRENT in names and any(n in _legacy_names() for n in names))
+    )
 
 
 def _next_generation(path: Path) -> str:
@@ -915,7 +930,7 @@ class PlaceDatabase:
         _recover_interrupted_swap(path)
         if not path.exists():
             raise FileNotFoundError(f'map {str(path)!r} does not exist; build it with build_map')
-        if path.is_dir() and os.access(path, os.W_OK) and _lock_is_free(path):
+        if _has_leftovers(path) and os.access(path, os.W_OK) and _lock_is_free(path):
             try:
                 with map_lock(path):
                     collect_leftovers(path)

@@ -332,3 +332,20 @@ def test_a_flipped_byte_in_an_mcap_chunk_with_a_checksum_is_a_clear_error(
     with pytest.raises(BagReadError, match='corrupt or truncated: ReaderError: Chunk checksum'):
         build_map(default_model, [bag], *TOPICS, tmp_path / 'map', progress=False)
     assert not (tmp_path / 'map').exists()
+
+
+@pytest.mark.parametrize(
+    ('flag', 'value', 'expected'),
+    [
+        ('--max-pose-gap-s', 'nan', 'max_pose_gap_s must be a finite number'),
+        ('--min-distance-m', '-1', 'min_distance_m must be >= 0'),
+        ('--max-image-pixels', '0', 'max_image_pixels must be >= 1'),
+    ],
+)
+def test_a_bad_option_value_is_one_line_and_exit_code_1(
+    tmp_path: Path, capsys, flag: str, value: str, expected: str
+) -> None:
+    code, err = run_cli(tmp_path, tmp_path / 'map', capsys, flag, value)
+    assert code == 1
+    assert err.startswith('error: ') and expected in err and err.count('\n') == 1, err
+    assert not (tmp_path / 'map').exists()

@@ -383,3 +383,34 @@ def test_rss_stays_flat_when_frames_keep_coming(served: dict) -> None:
     assert after - before < 40, (before, after)
     assert os.path.exists(f'/proc/{process.pid}')
     assert stamp_ns is not None
+
+
+def test_a_map_builder_node_holds_its_maps_writer_lock_until_it_stops(tmp_path: Path) -> None:
+    """Without it, a build_map into the live map was overwritten by the node's last save."""
+    from conftest import make_frames
+
+    from vpr_ros.bagwriter import write_bag
+    from vpr_ros.database import LOCK_FILE
+    from vpr_ros.nodes.map_builder_node import MapBuilderNode
+
+    map_dir = tmp_path / 'live'
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=int(ros_environment()['ROS_DOMAIN_ID']))
+    try:
+        node = MapBuilderNode(
+            context=context, parameter_overrides=[Parameter('map_dir', value=str(map_dir))]
+        )
+        try:
+            assert (map_dir / LOCK_FILE).read_text().strip() == str(os.getpid())
+            bag = write_bag(tmp_path / 'bag', make_frames(3))
+            command = [sys.executable, '-m', 'vpr_ros.cli.build_map', '--bag', str(bag)]
+            command += ['--image-topic', '/camera/image_raw', '--pose-topic', '/odom']
+            command += ['--out', str(map_dir), '--no-progress']
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 1
+            assert f'is being written by PID {os.getpid()}' in result.stderr, result.stderr
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+    assert not map_dir.exists()  # nothing was saved: the lock's directory is gone again

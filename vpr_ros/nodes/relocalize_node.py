@@ -46,7 +46,7 @@ from std_srvs.srv import SetBool, Trigger
 from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.dds import no_frames_hint
-from vpr_ros.errors import ConfigError, ImageDecodeError
+from vpr_ros.errors import ConfigError, DatabaseError, ImageDecodeError
 from vpr_ros.images import DEFAULT_MAX_PIXELS, failure_reason, msg_to_rgb
 from vpr_ros.models import available_models, load_model
 from vpr_ros.nodes.common import (
@@ -235,7 +235,11 @@ def _load_model_for_map(map_dir: str, model_name: str) -> VprModel:
         raise ConfigError(msg)
     if not Path(map_dir).exists():
         raise FileNotFoundError(f'map {map_dir!r} does not exist; build it with build_map')
-    map_model = PlaceDatabase.read_manifest(map_dir)['model']['name']
+    record = PlaceDatabase.read_manifest(map_dir).get('model')
+    map_model = record.get('name') if isinstance(record, dict) else None
+    if not isinstance(map_model, str):
+        msg = f'map {map_dir!r} has a malformed manifest (no model name); rebuild the map'
+        raise DatabaseError(msg)
     if model_name:
         return load_model(model_name)
     if map_model not in available_models():
