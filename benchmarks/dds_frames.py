@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -53,7 +54,7 @@ PUBLISHER = textwrap.dedent(
 
 SUBSCRIBER = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     import rclpy
     from rclpy.event_handler import SubscriptionEventCallbacks
     from rclpy.qos import qos_profile_sensor_data
@@ -66,9 +67,11 @@ SUBSCRIBER = textwrap.dedent(
         Image, 'image', lambda m: received.append(1), qos_profile_sensor_data,
         event_callbacks=events,
     )
+    done = []
+    signal.signal(signal.SIGUSR1, lambda *_: done.append(1))  # the publisher has finished
     print('ready', flush=True)
     deadline = time.monotonic() + float(sys.argv[1])
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not done:
         rclpy.spin_once(node, timeout_sec=0.05)
     print(len(received), sum(lost), flush=True)
     rclpy.shutdown()
@@ -82,7 +85,7 @@ def run(width: int, height: int, reliability: str, profile: bool, args) -> tuple
     publisher_env = dict(base)
     if not profile:
         publisher_env.pop(PROFILE_ENV, None)
-    seconds = args.frames / args.rate_hz + 12
+    seconds = args.frames / args.rate_hz + 60
     subscriber = subprocess.Popen(
         [sys.executable, '-c', SUBSCRIBER, str(seconds)],
         env=base,
@@ -98,7 +101,7 @@ def run(width: int, height: int, reliability: str, profile: bool, args) -> tuple
         capture_output=True,
         timeout=120,
     )
-    subscriber.terminate()
+    subscriber.send_signal(signal.SIGUSR1)
     out, _ = subscriber.communicate(timeout=30)
     if publisher.returncode != 0 or not out.strip():
         return -1, -1
