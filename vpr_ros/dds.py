@@ -57,6 +57,9 @@ def dds_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, str
     if not uses_fastdds(result):
         return result, f'RMW {result["RMW_IMPLEMENTATION"]!r}: no Fast DDS profile needed'
     own = result.get(PROFILE_ENV, '')
+    profile = shipped_profile()
+    if own and profile is not None and Path(own).resolve() == profile:
+        return result, f'Fast DDS profile {own!r} (large best-effort frames)'
     if own:
         note = (
             f'{PROFILE_ENV} is set to {own!r} (yours, kept); raw frames over 512 kB sent best '
@@ -64,7 +67,6 @@ def dds_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, str
             f'{PROFILE_NAME})'
         )
         return result, note
-    profile = shipped_profile()
     if profile is None:
         return result, f'the Fast DDS profile {PROFILE_NAME} is not installed; using defaults'
     result[PROFILE_ENV] = str(profile)
