@@ -37,7 +37,6 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
@@ -60,6 +59,11 @@ from vpr_ros.nodes.common import (
 from vpr_ros.nodes.conversions import hypotheses_to_cloud, pose_array, pose_with_covariance
 from vpr_ros.nodes.params import declare_conf, validate_changes
 from vpr_ros.relocalization import RelocalizationConf, Relocalizer
+
+try:
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:  # ROS 2 Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks
 
 if TYPE_CHECKING:
     from vpr_ros.models.base import VprModel
