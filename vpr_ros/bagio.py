@@ -30,7 +30,7 @@ from rosbags.typesys.store import Typestore
 from vpr_ros import logger
 from vpr_ros.errors import BagReadError, ImageDecodeError
 from vpr_ros.geometry import PoseTrack
-from vpr_ros.images import IMAGE_TYPES, failure_reason, msg_to_rgb
+from vpr_ros.images import DEFAULT_MAX_PIXELS, IMAGE_TYPES, failure_reason, msg_to_rgb
 from vpr_ros.poses import (
     POSE_MSGTYPES,
     EnuOrigin,
@@ -299,6 +299,7 @@ def read_frames(
     max_pose_gap_s: float = 0.5,
     skips: SkipCounter | None = None,
     enu_origin: Sequence[float] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> FrameStream:
     """Stream camera frames, each with its pose interpolated at the image stamp.
 
@@ -332,6 +333,8 @@ def read_frames(
         max_pose_gap_s: Largest time between the two poses that bracket an image.
         skips: Counter that receives the skipped frames by reason.
         enu_origin: ENU origin (lat, lon, alt) for NavSatFix poses, or ``None``.
+        max_pixels: Frames with more pixels are skipped before they are decoded (reason
+            :data:`vpr_ros.images.TOO_LARGE_REASON`); None for no cap.
 
     Returns:
         An iterator of :class:`~vpr_ros.types.Frame` with RGB images.
@@ -349,6 +352,7 @@ def read_frames(
         max_gap_ns=round(max_pose_gap_s * 1e9),
         skips=skips if skips is not None else SkipCounter(),
         enu_origin=enu_origin,
+        max_pixels=max_pixels,
     )
 
 
@@ -364,7 +368,9 @@ class FrameStream(Iterator[Frame]):
         max_gap_ns: int,
         skips: SkipCounter,
         enu_origin: Sequence[float] | None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
+        self._max_pixels = max_pixels
         self._enu_origin: EnuOrigin | None = None
         if enu_origin is not None:
             lat, lon, alt = (float(v) for v in enu_origin)
@@ -414,7 +420,7 @@ class FrameStream(Iterator[Frame]):
                             _skip(skips, bag_skips, path, NO_POSE_REASON, detail)
                             continue
                     try:
-                        image = msg_to_rgb(msg)
+                        image = msg_to_rgb(msg, max_pixels=self._max_pixels)
                     except ImageDecodeError as err:
                         _skip(skips, bag_skips, path, failure_reason(err), str(err))
                         continue

@@ -10,10 +10,18 @@ Every decoding problem raises :class:`~vpr_ros.errors.ImageDecodeError` whose me
 with a short, stable reason followed by ``': '`` and the details, e.g.
 ``"unknown encoding rgb16: ..."``; :func:`failure_reason` extracts that reason so callers can
 count skipped frames by cause.
+
+Decoding is bounded: an image with more pixels than ``max_pixels`` (default
+:data:`DEFAULT_MAX_PIXELS`) is refused with reason :data:`TOO_LARGE_REASON` before any
+pixel is decoded, from the ``width``/``height`` fields of a raw image or from the header of
+a compressed one (read by Pillow, which parses only the header), so a small PNG that
+would decode to 16000 x 16000 costs nothing.
 """
 
 from __future__ import annotations
 
+import io
+import warnings
 from typing import Any
 
 import cv2
@@ -38,6 +46,12 @@ IMAGE_TYPES: tuple[str, ...] = ('sensor_msgs/msg/Image', 'sensor_msgs/msg/Compre
 """The image message types: raw, then compressed."""
 
 _COMPRESSED_EXTENSIONS = {'jpeg': '.jpg', 'jpg': '.jpg', 'png': '.png'}
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Largest image decoded by default (width * height): 40 MP, e.g. 7300 x 5500."""
+
+TOO_LARGE_REASON = 'image too large'
+"""The failure reason of an image refused for its pixel count."""
 
 
 def _error(reason: str, detail: str) -> ImageDecodeError:
@@ -80,7 +94,41 @@ def _check_rgb(rgb: np.ndarray) -> None:
         raise ValueError(msg)
 
 
-def image_to_rgb(msg: Any) -> np.ndarray:
+def _check_pixels(width: int, height: int, max_pixels: int | None, what: str) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        detail = (
+            f'{what} is {width}x{height} = {width * height / 1e6:.1f} MP, more than the cap of '
+            f'{max_pixels / 1e6:.1f} MP; it was not decoded (raise max_image_pixels if such '
+            'images are genuine)'
+        )
+        raise _error(TOO_LARGE_REASON, detail)
+
+
+def compressed_image_size(data: Any) -> tuple[int, int] | None:
+    """(width, height) of a compressed image from its header, without decoding it.
+
+    Args:
+        data: The encoded bytes (any bytes-like object or uint8 array).
+
+    Returns:
+        The size, or None if the bytes do not start like an image format Pillow knows.
+    """
+    from PIL import Image as PilImage
+    from PIL import UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', PilImage.DecompressionBombWarning)
+        try:
+            with PilImage.open(io.BytesIO(_as_uint8(data).tobytes())) as image:
+                width, height = image.size
+        except PilImage.DecompressionBombError:
+            return (1 << 16, 1 << 16)  # more than Pillow's own limit of about 179 MP
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return None
+    return int(width), int(height)
+
+
+def image_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a raw ``sensor_msgs/Image`` into an RGB image.
 
     Supports the encodings in :data:`SUPPORTED_ENCODINGS`. ``mono16`` is reduced to 8 bit by
@@ -89,13 +137,14 @@ def image_to_rgb(msg: Any) -> np.ndarray:
 
     Args:
         msg: A ``sensor_msgs/Image`` (rosbags or rclpy).
+        max_pixels: Refuse images with more pixels than this (None: no cap).
 
     Returns:
         A new C-contiguous ``uint8`` array of shape (height, width, 3) in RGB order.
 
     Raises:
-        ImageDecodeError: Unknown encoding, zero width or height, ``step`` smaller than a row,
-            or ``len(data) != step * height``.
+        ImageDecodeError: Unknown encoding, zero width or height, too many pixels, ``step``
+            smaller than a row, or ``len(data) != step * height``.
     """
     encoding = str(msg.encoding)
     spec = _ENCODINGS.get(encoding.lower())
@@ -111,6 +160,7 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     if height <= 0 or width <= 0:
         detail = f'image has size {width}x{height} (width x height); the camera sent no pixels'
         raise _error('zero image size', detail)
+    _check_pixels(width, height, max_pixels, 'the image')
     row_bytes = width * channels * depth
     if step < row_bytes:
         detail = (
@@ -140,7 +190,7 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
 
 
-def compressed_to_rgb(msg: Any) -> np.ndarray:
+def compressed_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG, ...) into an RGB image.
 
     ``format`` is only checked for ``compressedDepth``, which is not a colour image; the codec is
@@ -149,12 +199,14 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
 
     Args:
         msg: A ``sensor_msgs/CompressedImage`` (rosbags or rclpy).
+        max_pixels: Refuse images whose header declares more pixels (None: no cap).
 
     Returns:
         A ``uint8`` array of shape (H, W, 3) in RGB order.
 
     Raises:
-        ImageDecodeError: Empty or corrupt data, or a ``compressedDepth`` image.
+        ImageDecodeError: Empty or corrupt data, too many pixels, or a ``compressedDepth``
+            image.
     """
     fmt = str(msg.format)
     if 'compresseddepth' in fmt.lower():
@@ -166,6 +218,14 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     data = _as_uint8(msg.data)
     if data.size == 0:
         raise _error('empty compressed image', f'format {fmt!r} message has no data bytes')
+    size = compressed_image_size(data)
+    if size is None:
+        detail = (
+            f'{data.size} bytes of format {fmt!r} do not start with the header of an image '
+            'format (jpeg, png, ...); the data is corrupt'
+        )
+        raise _error('corrupt compressed image', detail)
+    _check_pixels(*size, max_pixels, f'the {fmt!r} image')
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if bgr is None:
         detail = (
@@ -176,11 +236,12 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def msg_to_rgb(msg: Any) -> np.ndarray:
+def msg_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an ``Image`` or ``CompressedImage`` message, whichever ``msg`` is.
 
     Args:
         msg: A message with ``format`` (compressed) or ``encoding`` (raw).
+        max_pixels: Refuse images with more pixels than this (None: no cap).
 
     Returns:
         A ``uint8`` array of shape (H, W, 3) in RGB order.
@@ -189,9 +250,9 @@ def msg_to_rgb(msg: Any) -> np.ndarray:
         ImageDecodeError: The message cannot be decoded, or is neither kind of image.
     """
     if hasattr(msg, 'format'):
-        return compressed_to_rgb(msg)
+        return compressed_to_rgb(msg, max_pixels=max_pixels)
     if hasattr(msg, 'encoding'):
-        return image_to_rgb(msg)
+        return image_to_rgb(msg, max_pixels=max_pixels)
     detail = (
         f'message of type {type(msg).__name__!r} has neither "encoding" nor "format"; '
         'pass a sensor_msgs/Image or sensor_msgs/CompressedImage'

@@ -9,17 +9,25 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm import tqdm
 
 from vpr_ros import logger
-from vpr_ros.bagio import count_messages, read_frames
+from vpr_ros.bagio import NO_POSE_REASON, count_messages, read_frames
 from vpr_ros.config import Conf, nested, option
-from vpr_ros.database import PlaceDatabase, place_records
+from vpr_ros.database import (
+    PlaceDatabase,
+    check_map_target,
+    map_files,
+    map_lock,
+    place_records,
+)
 from vpr_ros.errors import BagReadError, DatabaseError
+from vpr_ros.images import DEFAULT_MAX_PIXELS, TOO_LARGE_REASON
 from vpr_ros.keyframes import KeyframeConf, KeyframeSelector
 from vpr_ros.retrieval import IndexConf
 from vpr_ros.sequence import SequenceConf, patch_normalised_descriptor
@@ -42,6 +50,13 @@ class BuildConf(Conf):
         min_exclusive=True,
     )
     batch_size: int = option(8, 'Images per forward pass', min=1)
+    max_image_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        'Frames with more pixels (width * height, read from the header before decoding) '
+        'are refused and counted',
+        unit='px',
+        min=1,
+    )
     local_features: bool = option(
         True, 'Store local features (needed for re-ranking; about L * C * 2 bytes a place)'
     )
@@ -94,6 +109,8 @@ class BuildSummary:
                 f'keyframes kept:     {self.keyframes}',
                 f'not keyframes:      {self.not_keyframes} (too close to the previous keyframe)',
                 f'frames skipped:     {self.skipped.total} ({self.skipped.summary()})',
+                f'frames refused:     {self.skipped.counts.get(TOO_LARGE_REASON, 0)} '
+                '(more pixels than --max-image-pixels)',
                 f'places in map:      {self.places_in_map}',
                 f'map size:           {self.map_bytes / 1e6:.2f} MB',
                 f'speed:              {self.images_per_second:.1f} images/s '
@@ -135,7 +152,10 @@ class MapBuilder:
         )
         self.selector = KeyframeSelector.from_conf(self.conf.keyframes)
         self.traverse = self.database.next_traverse()
-        self._pending: list[Frame] = []
+        # Keyframes waiting for a full batch, already shrunk to the model's input size
+        # (with their sequence descriptors made from the full image), so a batch never
+        # holds full-resolution frames.
+        self._pending: list[tuple[Frame, np.ndarray | None]] = []
 
     def start_traverse(self) -> None:
         """Begin a new traverse (a new bag or recording): keyframe order restarts."""
@@ -148,7 +168,14 @@ class MapBuilder:
         """Consider one frame; returns whether it was kept as a keyframe."""
         if not self.selector.accept(frame.stamp_ns, frame.pose):
             return False
-        self._pending.append(frame)
+        sequence = None
+        if self.database.sequence_conf is not None:
+            settings = self.database.sequence_conf
+            sequence = patch_normalised_descriptor(
+                [frame.image], tuple(settings['image_size']), int(settings['patch'])
+            )[0]
+        small = replace(frame, image=self.model.preprocessing.resize(frame.image))
+        self._pending.append((small, sequence))
         if len(self._pending) >= self.extractor.batch_size:
             self.flush()
         return True
@@ -157,7 +184,8 @@ class MapBuilder:
         """Describe the pending keyframes and add them to the map."""
         if not self._pending:
             return
-        frames, self._pending = self._pending, []
+        pending, self._pending = self._pending, []
+        frames = [frame for frame, _ in pending]
         descriptors = self.extractor.extract([f.image for f in frames])
         rows = place_records(
             frames, first_id=self.database.next_place_id(), traverse=self.traverse
@@ -165,10 +193,7 @@ class MapBuilder:
         local = descriptors.local_features if self.database.local_features is not None else None
         sequence = None
         if self.database.sequence_conf is not None:
-            settings = self.database.sequence_conf
-            sequence = patch_normalised_descriptor(
-                [f.image for f in frames], tuple(settings['image_size']), int(settings['patch'])
-            )
+            sequence = np.stack([s for _, s in pending if s is not None])
         self.database.add(
             descriptors.global_descriptors,
             rows,
@@ -214,15 +239,37 @@ def build_map(
     append: bool = False,
     num_threads: int | None = None,
     progress: bool = True,
+    lock_timeout_s: float = 0.0,
 ) -> BuildSummary:
     """Build (or extend) the map at ``out_dir`` from bags; each bag is one traverse.
 
     Nothing is written unless every bag was read completely: a corrupt bag raises
-    ``BagReadError`` and leaves ``out_dir`` as it was.
+    ``BagReadError`` and leaves ``out_dir`` as it was. ``out_dir`` is checked first (see
+    ``database.check_map_target``), and its writer lock is held from reading the map
+    (``append``) to saving it, so concurrent builds of one map cannot lose places; another
+    writer makes this one wait up to ``lock_timeout_s``, then fail.
     """
+    check_map_target(out_dir, what='--out')
+    with map_lock(out_dir, timeout_s=lock_timeout_s):
+        return _build_map(
+            model, bags, image_topic, pose_topic, out_dir, conf, append, num_threads, progress
+        )
+
+
+def _build_map(
+    model: VprModel,
+    bags: Sequence[str | os.PathLike],
+    image_topic: str,
+    pose_topic: str | None,
+    out_dir: str | os.PathLike,
+    conf: BuildConf | Mapping[str, Any] | None,
+    append: bool,
+    num_threads: int | None,
+    progress: bool,
+) -> BuildSummary:
     start = time.perf_counter()
     database = None
-    if append and Path(out_dir).exists():
+    if append and PlaceDatabase.is_map(out_dir):
         database = PlaceDatabase.load(out_dir, expected_model=model.identity(), mmap=False)
         logger.info('appending to %r (%d places)', str(out_dir), len(database))
     builder = MapBuilder(model, conf, database=database, num_threads=num_threads)
@@ -244,6 +291,7 @@ def build_map(
                 max_pose_gap_s=builder.conf.max_pose_gap_s,
                 skips=summary.skipped,
                 enu_origin=enu_origin,
+                max_pixels=builder.conf.max_image_pixels,
             )
             for frame in frames:
                 frames_read += 1
@@ -261,11 +309,26 @@ def build_map(
         msg = (
             f'no usable frames in {[str(b) for b in bags]!r} '
             f'({summary.messages_read} images, skipped: {summary.skipped.summary()}); '
-            'nothing written. Check --pose-topic and --max-pose-gap-s'
+            f'nothing written. {_no_frames_hint(summary.skipped.counts)}'
         )
         raise BagReadError(msg)
     path = builder.save(out_dir)
     summary.places_in_map = len(builder.database)
-    summary.map_bytes = sum(f.stat().st_size for f in path.iterdir())
+    summary.map_bytes = sum(f.stat().st_size for f in map_files(path))
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _no_frames_hint(skipped: Mapping[str, int]) -> str:
+    """What to check when no frame was usable, by the commonest reason frames were skipped."""
+    if not skipped:
+        return 'The image topic has no messages'
+    reason = max(skipped, key=lambda r: skipped[r])
+    if reason == NO_POSE_REASON:
+        return 'Check --pose-topic and --max-pose-gap-s'
+    if reason == TOO_LARGE_REASON:
+        return 'The images are larger than --max-image-pixels; raise it if they are genuine'
+    return (
+        f'The images could not be decoded ({reason}); republish them in a supported encoding '
+        '(rgb8, bgr8, rgba8, bgra8, mono8, mono16, or jpeg/png compressed)'
+    )

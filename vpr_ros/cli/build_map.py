@@ -16,6 +16,7 @@ from pathlib import Path
 from vpr_ros import logger
 from vpr_ros.cli.common import parse_with_params_file, run_cli
 from vpr_ros.config import add_arguments, conf_from_args
+from vpr_ros.database import check_map_target, map_lock
 from vpr_ros.mapping import BuildConf
 from vpr_ros.models import DEFAULT_MODEL, available_models, check_model_source
 
@@ -73,6 +74,13 @@ def make_parser() -> argparse.ArgumentParser:
             'sequence_descriptors': '--sequence-descriptors',
         },
     )
+    parser.add_argument(
+        '--lock-timeout-s',
+        type=float,
+        default=0.0,
+        help='wait this long for another build_map or map_builder writing the same map '
+        '(0: fail at once with its PID)',
+    )
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
@@ -85,25 +93,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_with_params_file(parser, argv, 'build_map')
         conf = conf_from_args(BuildConf, args)
         logger.info('build_map conf: %s', conf.to_dict())
+        # Everything that can be refused is checked before the slow part: where the map
+        # goes, the model name, the bags and topics; then the map's writer lock is held
+        # from the model load to the save.
+        check_map_target(args.out, what='--out')
         check_model_source(args.model)
         from vpr_ros.bagio import check_bags
 
-        check_bags(args.bags, args.image_topic, args.pose_topic)  # before the slow model load
+        check_bags(args.bags, args.image_topic, args.pose_topic)
         from vpr_ros.mapping import build_map
         from vpr_ros.models import load_model
 
-        model = load_model(args.model)
-        summary = build_map(
-            model,
-            args.bags,
-            args.image_topic,
-            args.pose_topic,
-            args.out,
-            conf=conf,
-            append=args.append,
-            num_threads=args.threads,
-            progress=not args.no_progress,
-        )
+        with map_lock(args.out, timeout_s=args.lock_timeout_s):
+            model = load_model(args.model)
+            summary = build_map(
+                model,
+                args.bags,
+                args.image_topic,
+                args.pose_topic,
+                args.out,
+                conf=conf,
+                append=args.append,
+                num_threads=args.threads,
+                progress=not args.no_progress,
+            )
         print(summary.report())
         print(f'map written to {args.out}')
         return 0

@@ -137,7 +137,10 @@ def dataset_route(path: Path) -> tuple[list[Frame], list[Frame]]:
 
 def _ros_env() -> dict[str, str]:
     """The node processes' environment: loopback discovery only, a domain of their own."""
-    env = dict(os.environ)
+    from vpr_ros.dds import dds_environment
+
+    env, note = dds_environment()  # the shipped Fast DDS profile, unless one is set
+    print(note)
     env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     env.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 90))
     env['PYTHONUNBUFFERED'] = '1'
@@ -187,7 +190,7 @@ def run_demo(
     node_cmd = [
         sys.executable, '-m', 'vpr_ros.nodes.relocalize_node', '--ros-args',
         '-p', f'map_dir:={map_dir}', '-p', f'model:={model}',
-        '-p', f'camera_topics:=[{IMAGE_TOPIC}]', '-p', 'camera_qos:=reliable',
+        '-p', f'camera_topics:=[{IMAGE_TOPIC}]',
         '-p', 'max_rate_hz:=0.0', '-p', f'num_threads:={threads}',
     ]  # fmt: skip
     print('$ relocalize', ' '.join(node_cmd[3:]))

@@ -5,6 +5,12 @@ A name picks an entry of ``CONFS``; a path names a directory written by ``save_m
 (``model.json`` + ``model.safetensors``), which is how trained (SelaVPR) and pruned
 models plug in.
 
+What is loaded is checked before it is used: ``model.json`` must be a JSON object in UTF-8
+with a known model class, a timm backbone name and input sizes within bounds; the weights
+must be finite and fit the architecture exactly. Backbones named on a hub (``hf-hub:...``)
+are refused unless downloads are allowed (``VPR_ROS_ALLOW_DOWNLOADS=1``, or SelaVPR's
+``backbone_weights: download``), so nothing waits on the network by surprise.
+
 Importing this package is cheap: the model classes (torch, timm) are imported when a model
 is built, so commands answer ``--help`` and argument errors without loading them.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +111,15 @@ CONFS: dict[str, dict[str, Any]] = {
 EXPORT_CONF_FILE = 'model.json'
 EXPORT_WEIGHTS_FILE = 'model.safetensors'
 
+ALLOW_DOWNLOADS_ENV = 'VPR_ROS_ALLOW_DOWNLOADS'
+"""Set to 1 to let models fetch backbones from a hub (otherwise they are refused)."""
+
+MAX_INPUT_SIDE = 4096
+"""Largest model input side (px) a configuration may ask for."""
+
+_TIMM_NAME = re.compile(r'^[a-z0-9_.]+$')
+_MAX_EXPORT_CONF_BYTES = 1 << 20
+
 
 def available_models() -> list[str]:
     return sorted(CONFS)
@@ -128,6 +144,7 @@ def load_model(
     key = str(name_or_path)
     if key in CONFS:
         conf = merge_conf(CONFS[key], overrides)
+        check_model_conf(conf, f'model {key!r}')
         model = model_class(conf)(conf, name=key)
     else:
         path = Path(key)
@@ -151,24 +168,127 @@ def check_model_source(name_or_path: str | os.PathLike[str]) -> None:
         raise ConfigError(msg)
 
 
+def downloads_allowed(conf: dict[str, Any] | None = None) -> bool:
+    """Whether a model may fetch from a hub: ``VPR_ROS_ALLOW_DOWNLOADS=1``, or a SelaVPR
+    configuration that asks for downloaded backbone weights."""
+    if os.environ.get(ALLOW_DOWNLOADS_ENV, '') == '1':
+        return True
+    return conf is not None and conf.get('backbone_weights') == DOWNLOAD_WEIGHTS
+
+
+def check_model_conf(conf: Any, source: str) -> None:
+    """Refuse a model configuration that would fail late, hang or exhaust memory.
+
+    Checked: a mapping with a known ``model`` class; ``backbone`` a timm model name (a hub
+    name only when downloads are allowed); ``preprocessing.size`` two sides in
+    1..``MAX_INPUT_SIDE``; ``local_stage`` a small non-negative integer;
+    ``backbone_kwargs`` small numbers.
+
+    Raises:
+        ModelError: naming ``source``, the value and the fix.
+    """
+
+    def refuse(what: str) -> ModelError:
+        return ModelError(f'{source}: {what}; fix it or export the model again')
+
+    if not isinstance(conf, dict):
+        raise refuse(f'the configuration is a {type(conf).__name__}, not a JSON object')
+    if conf.get('model', 'cnn') not in MODEL_CLASSES:
+        known = sorted(MODEL_CLASSES)
+        raise refuse(f'unknown model class {conf.get("model")!r} (known: {known})')
+    backbone = conf.get('backbone')
+    if backbone is not None:
+        if not isinstance(backbone, str) or not backbone:
+            raise refuse(f'backbone {backbone!r} is not a timm model name')
+        if not _TIMM_NAME.match(backbone):
+            if not downloads_allowed(conf):
+                raise refuse(
+                    f'backbone {backbone!r} is not a local timm model name (a hub name would '
+                    f'be downloaded; set {ALLOW_DOWNLOADS_ENV}=1 to allow that)'
+                )
+    size = (conf.get('preprocessing') or {}).get('size')
+    if size is not None and (
+        not isinstance(size, list)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+        or not all(1 <= v <= MAX_INPUT_SIDE for v in size)
+    ):
+        raise refuse(f'preprocessing size {size!r} must be [height, width] in 1..{MAX_INPUT_SIDE}')
+    stage = conf.get('local_stage')
+    if stage is not None and (
+        not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage <= 16
+    ):
+        raise refuse(f'local_stage {stage!r} must be a backbone stage index (0, 1, 2, ...)')
+    kwargs = conf.get('backbone_kwargs')
+    if kwargs is not None and (
+        not isinstance(kwargs, dict)
+        or not all(
+            isinstance(v, (int, float, bool)) and abs(v) <= MAX_INPUT_SIDE for v in kwargs.values()
+        )
+    ):
+        raise refuse(
+            f'backbone_kwargs {kwargs!r} must map names to numbers up to {MAX_INPUT_SIDE}'
+        )
+
+
+def read_export_conf(conf_file: Path) -> dict[str, Any]:
+    """``model.json``, checked (see ``check_model_conf``).
+
+    Raises:
+        ModelError: unreadable, not UTF-8, not JSON, not an object, or a bad value.
+    """
+    try:
+        if conf_file.stat().st_size > _MAX_EXPORT_CONF_BYTES:
+            raise ModelError(f'model configuration {str(conf_file)!r} is too large')
+        conf = json.loads(conf_file.read_bytes().decode('utf-8'))
+    except UnicodeDecodeError as err:
+        msg = (
+            f'model configuration {str(conf_file)!r} is not UTF-8 text ({err.reason} at byte '
+            f'{err.start}); export the model again'
+        )
+        raise ModelError(msg) from err
+    except (OSError, json.JSONDecodeError, RecursionError) as err:
+        raise ModelError(f'cannot read model configuration {str(conf_file)!r}: {err}') from err
+    check_model_conf(conf, f'model configuration {str(conf_file)!r}')
+    assert isinstance(conf, dict)
+    return conf
+
+
 def load_exported(path: Path) -> VprModel:
-    """Load a directory written by ``save_model``."""
+    """Load a directory written by ``save_model``.
+
+    Raises:
+        ModelError: a bad ``model.json``, unreadable or non-finite weights, or weights
+            that do not fit the configuration (extra or missing tensors, wrong shapes).
+    """
     from safetensors.torch import load_file
+
+    from vpr_ros.models.weights import check_finite
 
     conf_file = path / EXPORT_CONF_FILE if path.is_dir() else path
     weights_file = conf_file.parent / EXPORT_WEIGHTS_FILE
-    try:
-        conf = json.loads(conf_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ModelError(f'cannot read model configuration {str(conf_file)!r}: {err}') from err
+    conf = read_export_conf(conf_file)
     if not weights_file.is_file():
         raise ModelError(f'model {str(path)!r} has no {EXPORT_WEIGHTS_FILE}')
     try:
         state = load_file(str(weights_file))
     except Exception as err:
         raise ModelError(f'cannot read weights {str(weights_file)!r}: {err}') from err
+    check_finite(state, str(weights_file))
     cls = model_class(conf)
-    model = cls.from_export(_resolve_weight_sources(cls, conf, conf_file.parent), state)
+    try:
+        model = cls.from_export(_resolve_weight_sources(cls, conf, conf_file.parent), state)
+    except (ModelError, ConfigError) as err:
+        if str(path) in str(err):
+            raise
+        raise type(err)(f'model {str(path)!r}: {err}') from err
+    except (RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        detail = ' '.join(str(err).split())[:300]
+        msg = (
+            f'model {str(path)!r}: {EXPORT_WEIGHTS_FILE} does not fit {EXPORT_CONF_FILE} '
+            f'({type(err).__name__}: {detail}); export the model again with save_model'
+        )
+        raise ModelError(msg) from err
     model.name = conf.get('name', path.name)
     return model
 

@@ -28,7 +28,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         data = data['state_dict']
     if not isinstance(data, dict):
         raise ModelError(f'weights {str(path)!r} hold a {type(data).__name__}, not a state dict')
+    check_finite(data, str(path))
     return data
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or infinite values (a model made of them outputs NaN).
+
+    Raises:
+        ModelError: naming the first such tensor.
+    """
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            msg = (
+                f'weights {source!r}: tensor {name!r} holds NaN or infinite values; the '
+                'training that wrote it diverged, use an earlier checkpoint'
+            )
+            raise ModelError(msg)
 
 
 def load_in_order(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

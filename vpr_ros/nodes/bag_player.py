@@ -27,6 +27,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from vpr_ros.config import Conf, add_arguments, conf_from_args, option
+from vpr_ros.dds import use_shipped_profile
 from vpr_ros.errors import ConfigError, VprError
 from vpr_ros.nodes.common import message_class
 
@@ -236,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'error: {err}', file=sys.stderr)
         return 1
     image_topic = next(iter(topics))
+    print(use_shipped_profile(), file=sys.stderr)  # a publisher of large frames needs it
     with rclpy.init(args=['bag_player', *argv]):
         node = BagPlayer(topics, QOS[conf.qos])
         try:

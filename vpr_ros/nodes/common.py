@@ -5,9 +5,11 @@
   ``camera_transport(s)``, ``camera_qos`` and ``pose_qos`` parameters;
 * :func:`message_class`: the rclpy class of a message type name (``'nav_msgs/msg/Odometry'``);
 * :class:`NodeStats`: counters and recent stage timings a worker thread fills and the
-  diagnostics timer reads; :func:`diagnostic_status` makes the ``/diagnostics`` message;
+  diagnostics timer reads (the status level comes from a recent window, not from counters
+  since start); :func:`diagnostic_status` makes the ``/diagnostics`` message;
 * :func:`run_node`: spin a node until Ctrl-C or shutdown, exit with code 1 and a one-line
-  ``cannot start: ...`` if it cannot start.
+  ``cannot start: ...`` if it cannot start; the shipped Fast DDS profile is used unless the
+  user set one (:mod:`vpr_ros.dds`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
+from vpr_ros.dds import use_shipped_profile
 from vpr_ros.errors import VprError
 from vpr_ros.nodes.conversions import key_values
 from vpr_ros.poses import POSE_TYPES
@@ -65,6 +68,9 @@ START_UP_ERRORS: tuple[type[BaseException], ...] = (
 LATENCY_WINDOW = 200
 """Frames the timing statistics cover."""
 
+STATUS_WINDOW_PERIODS = 10
+"""The ``/diagnostics`` level reflects the last this many diagnostics periods."""
+
 
 def message_class(type_name: str) -> type:
     """The rclpy class of ``'pkg/msg/Name'`` or ``'pkg/Name'`` (as rclpy spells field types)."""
@@ -89,6 +95,8 @@ class StatsSnapshot:
     skipped_total: int
     skipped_summary: str
     last_error: str
+    recent_skipped: SkipCounter
+    """Frames skipped within the window asked of ``snapshot``, by reason."""
 
     def timing_values(self, total: str = 'latency') -> dict[str, float]:
         """Diagnostic values: median and 95th percentile of ``total``, median of each
@@ -116,12 +124,19 @@ class NodeStats:
         self.seconds: dict[str, deque[float]] = {}
         self.last_error = ''
         self._rate_state = (time.monotonic(), 0)
+        self._recent: deque[tuple[float, str]] = deque(maxlen=10_000)  # (when, reason)
 
     def error(self, reason: str, text: str) -> None:
         """Count one skipped frame under ``reason``; ``text`` becomes the last error."""
         with self.lock:
             self.skipped.add(reason)
             self.last_error = text
+            self._recent.append((time.monotonic(), reason))
+
+    def clear_error(self) -> None:
+        """Forget the last error (after a successful reload)."""
+        with self.lock:
+            self.last_error = ''
 
     def record(self, seconds: Mapping[str, float]) -> None:
         """Count one processed frame with its stage times."""
@@ -131,12 +146,18 @@ class NodeStats:
                 window = self.seconds.setdefault(stage, deque(maxlen=LATENCY_WINDOW))
                 window.append(value)
 
-    def snapshot(self) -> StatsSnapshot:
-        """The current values; the rate is over the time since the previous snapshot."""
+    def snapshot(self, window_s: float = 10.0) -> StatsSnapshot:
+        """The current values; the rate is over the time since the previous snapshot, the
+        recent skips over the last ``window_s``."""
         now = time.monotonic()
         with self.lock:
             then, processed_then = self._rate_state
             self._rate_state = (now, self.processed)
+            while self._recent and self._recent[0][0] < now - window_s:
+                self._recent.popleft()
+            recent = SkipCounter()
+            for _, reason in self._recent:
+                recent.add(reason)
             return StatsSnapshot(
                 processed=self.processed,
                 rate_hz=(self.processed - processed_then) / max(now - then, 1e-9),
@@ -144,6 +165,7 @@ class NodeStats:
                 skipped_total=self.skipped.total,
                 skipped_summary=self.skipped.summary(),
                 last_error=self.last_error,
+                recent_skipped=recent,
             )
 
 
@@ -173,7 +195,9 @@ def run_node(
     ``cannot start: <reason>`` and the process exits with code 1, without a traceback.
     """
     tune_malloc()
+    dds_note = use_shipped_profile()  # before the first participant
     with rclpy.init(args=args):
+        get_logger(name).info(dds_note)
         try:
             node = make_node()
         except START_UP_ERRORS as err:

@@ -10,7 +10,9 @@ rule and describes keyframes, so the executor never blocks on the model.
 Outputs:
 
 * the map at ``map_dir``, saved atomically on ``~/save`` (``std_srvs/Trigger``) and on
-  shutdown; an existing map is refused unless ``append:=true``;
+  shutdown; an existing map is refused unless ``append:=true``. The node holds the map's
+  writer lock from start to shutdown, so a build_map or another map_builder on the same
+  map is refused instead of losing places;
 * ``/diagnostics``: frames received, kept, skipped (by reason) and dropped, describe
   latency, poses ignored, places in the map, last error.
 
@@ -22,13 +24,13 @@ Run: ``map_builder --ros-args --params-file config/map_builder.yaml -p map_dir:=
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -37,7 +39,7 @@ from rclpy.node import Node
 from std_srvs.srv import Trigger
 
 from vpr_ros.config import Conf, nested, option
-from vpr_ros.database import MANIFEST, PlaceDatabase
+from vpr_ros.database import PlaceDatabase, check_map_target, map_lock
 from vpr_ros.errors import ConfigError, ImageDecodeError, VprError
 from vpr_ros.images import failure_reason, msg_to_rgb
 from vpr_ros.mapping import BuildConf, MapBuilder
@@ -45,6 +47,7 @@ from vpr_ros.models import DEFAULT_MODEL, load_model
 from vpr_ros.nodes.common import (
     CAMERA_QOS,
     POSE_QOS,
+    STATUS_WINDOW_PERIODS,
     TRANSPORTS,
     NodeStats,
     diagnostic_status,
@@ -118,25 +121,30 @@ class MapBuilderNode(Node):
         super().__init__(NODE_NAME, **kwargs)
         self._worker: threading.Thread | None = None  # started last, once all else is ready
         self._saved_on_shutdown = False
+        self._writer_lock = contextlib.ExitStack()
         conf = declare_conf(self, MapBuilderNodeConf)
         conf = conf.replace(map_dir=os.path.expanduser(conf.map_dir))  # '~' after ':='
         self.conf = conf
         self.map_dir = conf.map_dir
         if not self.map_dir:
             raise ConfigError('parameter map_dir is required (-p map_dir:=/path/to/map)')
-        if not conf.append and (Path(self.map_dir) / MANIFEST).is_file():
+        if not conf.append and PlaceDatabase.is_map(self.map_dir):
             msg = (
                 f'a map exists at {self.map_dir!r}; pass append:=true to extend it, or choose '
                 'another map_dir (it would be replaced on save)'
             )
             raise VprError(msg)
-
-        model = load_model(conf.model)
-        database = None
-        if conf.append:
-            database = PlaceDatabase.load(
-                self.map_dir, expected_model=model.identity(), mmap=False
-            )
+        check_map_target(self.map_dir, what='map_dir')
+        # This node writes the map until it shuts down: hold the writer lock all along.
+        self._writer_lock.enter_context(map_lock(self.map_dir))
+        try:
+            model = load_model(conf.model)
+            database = None
+            if conf.append and PlaceDatabase.is_map(self.map_dir):
+                database = PlaceDatabase.load(self.map_dir, expected_model=model.identity())
+        except BaseException:
+            self._writer_lock.close()
+            raise
         self._model_name = model.name
         self.builder = MapBuilder(
             model, conf.build, database=database, num_threads=conf.num_threads or None
@@ -230,7 +238,7 @@ class MapBuilderNode(Node):
                 self._stats.error(NO_POSE_REASON, f'no pose within the max gap of {stamp} ns')
                 continue
             try:
-                image = msg_to_rgb(msg)
+                image = msg_to_rgb(msg, max_pixels=self.conf.build.max_image_pixels)
             except ImageDecodeError as err:
                 self._stats.error(failure_reason(err), str(err))
                 self.get_logger().warning(
@@ -262,7 +270,7 @@ class MapBuilderNode(Node):
         return response
 
     def diagnostics_callback(self) -> None:
-        stats = self._stats.snapshot()
+        stats = self._stats.snapshot(STATUS_WINDOW_PERIODS * self.conf.diagnostics_period_s)
         with self._builder_lock:
             places = len(self.builder.database)
         with self._inputs_lock:
@@ -281,14 +289,16 @@ class MapBuilderNode(Node):
             'frames_queued': self._work.qsize(),
             'frames_skipped': stats.skipped_total,
             'skipped_reasons': stats.skipped_summary,
+            'frames_skipped_recently': stats.recent_skipped.total,
             'poses_received': poses_received,
             'pose_issues': '; '.join(pose_issues) or 'none',
             'enu_origin': enu_origin or 'none',
             'last_error': stats.last_error,
         }
         level, message = DiagnosticStatus.OK, 'building map'
-        if stats.skipped_total:
-            level, message = DiagnosticStatus.WARN, f'skipped frames: {stats.skipped_summary}'
+        if stats.recent_skipped.total:
+            summary = stats.recent_skipped.summary()
+            level, message = DiagnosticStatus.WARN, f'skipped frames recently: {summary}'
         self._diagnostics_pub.publish(
             diagnostic_status(self, 'map building', level, message, values)
         )
@@ -346,6 +356,7 @@ class MapBuilderNode(Node):
                 self.get_logger().info(f'on shutdown: {self.save()}')
             except (VprError, OSError) as err:
                 self.get_logger().error(f'on shutdown: save failed: {err}')
+        self._writer_lock.close()
         super().destroy_node()
 
 

@@ -11,7 +11,10 @@ frame's stamp in every header:
   confidence reaches ``confidence_threshold``;
 * ``~/hypothesis_poses`` (``geometry_msgs/PoseArray``): the hypotheses' poses, for RViz;
 * ``/diagnostics``: rate, latency (with its stages), dropped and skipped frames, map size,
-  last error.
+  last error. The level is WARN while frames were skipped within the last
+  ``STATUS_WINDOW_PERIODS`` periods, or while a camera topic has publishers but no frame
+  arrives (the message names the likely cause: large raw frames sent best effort through
+  Fast DDS without the shipped profile, or a QoS mismatch).
 
 Services: ``~/reload_map`` (``std_srvs/Trigger``) loads ``map_dir`` again and swaps it in;
 ``~/enable`` (``std_srvs/SetBool``) pauses and resumes processing.
@@ -25,6 +28,7 @@ import functools
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,19 +44,26 @@ from std_srvs.srv import SetBool, Trigger
 
 from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase
-from vpr_ros.errors import ConfigError, ImageDecodeError
-from vpr_ros.images import failure_reason, msg_to_rgb
+from vpr_ros.dds import no_frames_hint
+from vpr_ros.errors import ConfigError, DatabaseError, ImageDecodeError
+from vpr_ros.images import DEFAULT_MAX_PIXELS, failure_reason, msg_to_rgb
 from vpr_ros.models import available_models, load_model
 from vpr_ros.nodes.common import (
     CAMERA_QOS,
+    STATUS_WINDOW_PERIODS,
     TRANSPORTS,
     NodeStats,
     diagnostic_status,
     run_node,
 )
 from vpr_ros.nodes.conversions import hypotheses_to_cloud, pose_array, pose_with_covariance
-from vpr_ros.nodes.params import declare_conf
+from vpr_ros.nodes.params import declare_conf, validate_changes
 from vpr_ros.relocalization import RelocalizationConf, Relocalizer
+
+try:
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:  # ROS 2 Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks
 
 if TYPE_CHECKING:
     from vpr_ros.models.base import VprModel
@@ -123,6 +134,13 @@ class RelocalizeNodeConf(Conf):
         min=0.0,
     )
     num_threads: int = option(0, 'Torch threads for the model (0: torch default)', min=0)
+    max_image_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        'Frames with more pixels (width * height, from the message fields or the compressed '
+        'header) are skipped before decoding and counted',
+        unit='px',
+        min=1,
+    )
     diagnostics_period_s: float = option(
         1.0, 'Period of the status on /diagnostics', unit='s', min=0.05
     )
@@ -142,6 +160,8 @@ class RelocalizeNodeConf(Conf):
 
 
 _WARN_THROTTLE_S = 5.0
+NO_FRAMES_WARN_S = 5.0
+"""A camera topic with publishers but no frame for this long gets a warning."""
 
 
 @dataclass
@@ -219,7 +239,11 @@ def _load_model_for_map(map_dir: str, model_name: str) -> VprModel:
         raise ConfigError(msg)
     if not Path(map_dir).exists():
         raise FileNotFoundError(f'map {map_dir!r} does not exist; build it with build_map')
-    map_model = PlaceDatabase.read_manifest(map_dir)['model']['name']
+    record = PlaceDatabase.read_manifest(map_dir).get('model')
+    map_model = record.get('name') if isinstance(record, dict) else None
+    if not isinstance(map_model, str):
+        msg = f'map {map_dir!r} has a malformed manifest (no model name); rebuild the map'
+        raise DatabaseError(msg)
     if model_name:
         return load_model(model_name)
     if map_model not in available_models():
@@ -266,6 +290,16 @@ class RelocalizeNode(Node):
             transports = transports * len(topics)
         self._topics = topics
         self._frames = _LatestFrames(len(topics))
+        # Per camera: when its last frame came, and since when publishers are matched
+        # (monotonic seconds; None: not yet / none).
+        self._last_frame: list[float | None] = [None] * len(topics)
+        self._publishers_since: list[float | None] = [None] * len(topics)
+        self._matched = [0] * len(topics)
+        # Frames received and frames DDS reports lost in transport, per camera, and their
+        # values at past diagnostics ticks (for the rate over the last NO_FRAMES_WARN_S).
+        self._camera_received = [0] * len(topics)
+        self._camera_lost = [0] * len(topics)
+        self._transport_history: deque[tuple[float, list[int], list[int]]] = deque()
         self._stats = _Stats()
         self._enabled = True
         # Camera callbacks only store messages; services and diagnostics have their own groups
@@ -278,6 +312,9 @@ class RelocalizeNode(Node):
                 functools.partial(self.camera_callback, camera),
                 CAMERA_QOS[conf.camera_qos],
                 callback_group=camera_group,
+                event_callbacks=SubscriptionEventCallbacks(
+                    message_lost=functools.partial(self._frames_lost, camera)
+                ),
             )
             for camera, (topic, transport) in enumerate(zip(topics, transports))
         ]
@@ -292,6 +329,9 @@ class RelocalizeNode(Node):
             conf.diagnostics_period_s,
             self.diagnostics_callback,
             callback_group=MutuallyExclusiveCallbackGroup(),
+        )
+        self.add_on_set_parameters_callback(
+            validate_changes(RelocalizeNodeConf, lambda: self.conf, self._apply_conf)
         )
 
         self._worker = threading.Thread(target=self._work, name='relocalize-worker', daemon=True)
@@ -308,9 +348,25 @@ class RelocalizeNode(Node):
             self._model, database, self.conf.relocalization, num_threads=self._num_threads
         )
 
+    def _apply_conf(self, conf: RelocalizeNodeConf) -> None:
+        """A run-time parameter change the settings table accepted: the matching settings
+        (top_k, rerank_k) take effect with the next frame; map_dir with ~/reload_map."""
+        with self._map_lock:
+            current = self._relocalizer
+            if conf.relocalization != current.conf:
+                self._relocalizer = Relocalizer(
+                    self._model,
+                    current.database,
+                    conf.relocalization,
+                    num_threads=self._num_threads,
+                )
+            self.conf = conf
+
     # -- callbacks ----------------------------------------------------------------------
 
     def camera_callback(self, camera: int, msg: Image | CompressedImage) -> None:
+        self._last_frame[camera] = time.monotonic()
+        self._camera_received[camera] += 1
         if self._enabled:
             self._frames.put(camera, msg)
 
@@ -329,6 +385,7 @@ class RelocalizeNode(Node):
             return response
         with self._map_lock:
             old, self._relocalizer, self._map_dir = self._relocalizer, relocalizer, map_dir
+        self._stats.clear_error()
         response.success = True
         response.message = (
             f'loaded map {map_dir!r}: {len(relocalizer.database)} places (was {len(old.database)})'
@@ -350,8 +407,61 @@ class RelocalizeNode(Node):
         self.get_logger().info(f'relocalization {response.message}')
         return response
 
+    def _frames_lost(self, camera: int, event: Any) -> None:
+        """DDS lost samples of this camera in transport (e.g. fragments that never all came)."""
+        self._camera_lost[camera] += int(event.total_count_change)
+
+    def _check_transport(self) -> list[str]:
+        """Cameras whose publishers send no frames, with the likely cause; logged
+        (throttled) and returned for /diagnostics.
+
+        A camera is suspect when, over the last ``NO_FRAMES_WARN_S``, DDS lost at least as
+        many of its frames in transport as arrived, or when a publisher joined its topic
+        that long ago and no frame arrived since (large raw frames sent best effort through
+        Fast DDS without the shipped profile are lost), or when the topic has publishers
+        that do not match the subscription's QoS.
+        """
+        now = time.monotonic()
+        problems = []
+        history = self._transport_history
+        history.append((now, list(self._camera_received), list(self._camera_lost)))
+        while len(history) > 1 and history[1][0] <= now - NO_FRAMES_WARN_S:
+            history.popleft()
+        then, received_then, lost_then = history[0]
+        for camera, (topic, subscription) in enumerate(
+            zip(self._topics, self._camera_subscriptions)
+        ):
+            matched = subscription.get_publisher_count()
+            if matched > self._matched[camera]:  # a publisher joined: frames should follow
+                self._publishers_since[camera] = now
+            self._matched[camera] = matched
+            if matched == 0:
+                self._publishers_since[camera] = None
+                if self.count_publishers(subscription.topic_name) > 0:
+                    problems.append(
+                        f'camera topic {topic!r} has publishers whose QoS does not match '
+                        f'camera_qos {self.conf.camera_qos!r}; publish reliable, or set '
+                        'camera_qos: sensor_data (best effort takes any publisher)'
+                    )
+                continue
+            lost = self._camera_lost[camera] - lost_then[camera]
+            received = self._camera_received[camera] - received_then[camera]
+            since, last = self._publishers_since[camera], self._last_frame[camera]
+            if now - then >= NO_FRAMES_WARN_S - 1e-3 and lost > 0 and lost >= received:
+                problems.append(
+                    f'{lost} frames lost in transport, {received} arrived: '
+                    + no_frames_hint(topic)
+                )
+            elif since is not None and (last is None or last < since):
+                if now - since > NO_FRAMES_WARN_S:
+                    problems.append(no_frames_hint(topic))
+        for problem in problems:
+            self.get_logger().warning(problem, throttle_duration_sec=30.0)
+        return problems
+
     def diagnostics_callback(self) -> None:
-        stats = self._stats.snapshot()
+        stats = self._stats.snapshot(STATUS_WINDOW_PERIODS * self.conf.diagnostics_period_s)
+        transport = self._check_transport() if self._enabled else []
         last_best = self._stats.last_best
         with self._map_lock:
             database, map_dir = self._relocalizer.database, self._map_dir
@@ -361,10 +471,12 @@ class RelocalizeNode(Node):
             'processing_rate_hz': stats.rate_hz,
             **stats.timing_values('latency'),
             'frames_received': self._frames.received,
+            'frames_lost_in_transport': sum(self._camera_lost),
             'frames_processed': stats.processed,
             'frames_dropped': self._frames.dropped,
             'frames_skipped': stats.skipped_total,
             'skipped_reasons': stats.skipped_summary,
+            'frames_skipped_recently': stats.recent_skipped.total,
             'map_dir': map_dir,
             'map_places': len(database),
             'model': self._model.name,
@@ -374,8 +486,11 @@ class RelocalizeNode(Node):
         level, message = DiagnosticStatus.OK, 'relocalizing'
         if not self._enabled:
             message = 'disabled'
-        elif stats.skipped_total:
-            level, message = DiagnosticStatus.WARN, f'skipped frames: {stats.skipped_summary}'
+        elif transport:
+            level, message = DiagnosticStatus.WARN, '; '.join(transport)
+        elif stats.recent_skipped.total:
+            summary = stats.recent_skipped.summary()
+            level, message = DiagnosticStatus.WARN, f'skipped frames recently: {summary}'
         self._diagnostics_pub.publish(
             diagnostic_status(self, 'relocalization', level, message, values)
         )
@@ -409,7 +524,7 @@ class RelocalizeNode(Node):
         msg = pending.msg
         started = time.monotonic()
         try:
-            rgb = msg_to_rgb(msg)
+            rgb = msg_to_rgb(msg, max_pixels=self.conf.max_image_pixels)
         except ImageDecodeError as err:
             self._stats.error(failure_reason(err), str(err))
             self.get_logger().warning(
