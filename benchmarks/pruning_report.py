@@ -26,10 +26,10 @@ step by step (``vpr_ros.pruning``) and, for the unpruned model and every step, m
   correlation of all query-map similarities with the unpruned model's.
 
 Recoveries: ``none``; ``bn``, batch-norm statistics re-estimated after each step on the
-``--recovery-data`` images; ``finetune``, ``bn`` plus ``--finetune-iters`` iterations of
-distillation to the unpruned model on the same images (no labels) after each step. The
-recovery images must not be evaluation images: by default the campus route, which this
-report does not score.
+``--recovery-data`` images; ``distill``, ``--finetune-iters`` iterations of distillation
+to the unpruned model on the same images (no labels) after each step; ``finetune``, both.
+The recovery images must not be evaluation images: by default the campus route, which
+this report does not score.
 
 Writes ``report.csv`` (one row per model, run and step; step 0 is the unpruned model),
 ``summary.md`` (the efficiency and the recall tables; the memory, RSS and latency cuts at
@@ -61,6 +61,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from vpr_ros import logger
@@ -93,7 +94,7 @@ from vpr_ros.relocalization import RelocalizationConf
 from vpr_ros.rerank import mnn_scores
 
 NORDLAND_TOLERANCE = 2
-RECOVERIES = ('none', 'bn', 'finetune')
+RECOVERIES = ('none', 'bn', 'distill', 'finetune')
 DATASET_COLUMNS = ('r1', 'r1_global', 'agree', 'corr')
 
 
@@ -255,6 +256,7 @@ def measure_memory(
         'map_global_mb': size.global_mb_per_1000 * places / 1000,
     }
     row['total_mb'] = row['model_mb'] + row['map_mb']
+    row['gflops'] = extraction_gflops(model)
     row['paper_total_mb'] = row['model_mb'] + row['map_global_mb']
     if folder is None:
         return row
@@ -265,6 +267,16 @@ def measure_memory(
     shutil.rmtree(map_dir)
     row.update(rss_mb=memory.rss_mb, peak_rss_mb=memory.peak_mb, runtime_rss_mb=memory.runtime_mb)
     return row
+
+
+@torch.inference_mode()
+def extraction_gflops(model: VprModel) -> float:
+    """GFLOPs of one forward pass at the model's input size (a multiply-add counts 2):
+    the extraction cost without the noise of a shared CPU."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, *model.preprocessing.size))
+    return counter.get_total_flops() / 1e9
 
 
 @torch.inference_mode()
@@ -347,9 +359,9 @@ class Run:
 
 DEFAULT_RUNS = (
     Run(0.0, 0.5, 'none'),  # the descriptor alone
-    Run(0.1, 0.0, 'none'),  # the backbone alone
-    Run(0.1, 0.1, 'none'),  # both
-    Run(0.1, 0.1, 'finetune'),  # both, with recovery
+    Run(0.1, 0.1, 'none'),  # backbone and descriptor
+    Run(0.1, 0.1, 'bn'),  # ... with batch-norm re-estimation
+    Run(0.1, 0.1, 'distill'),  # ... with distillation to the unpruned model
 )
 
 
@@ -379,7 +391,7 @@ def prune_steps(
         model,
         conf,
         calibrator=calibrator if recovery in ('bn', 'finetune') else None,
-        train_data=args.recovery_data if recovery == 'finetune' else None,
+        train_data=args.recovery_data if recovery in ('distill', 'finetune') else None,
         finetune_conf=finetune_conf,
     )
     label = f'{model.name} {run}'
@@ -421,19 +433,19 @@ def run_report(args: argparse.Namespace) -> list[dict[str, Any]]:
     calibrator = None
     if recovering:
         calibrator = BatchNormCalibrator.from_folder(args.recovery_data)
-    rows: list[dict[str, Any]] = []
+    measured = []
+    for name in args.models:
+        measured += measure_model(name, runs, sets, calibrator, args)
+    # Every model is timed in the same rounds, so that a change in the load of the shared
+    # CPU between models does not show as a speed-up.
+    add_latencies(measured, args.rounds, args.places)
     columns = report_columns(sets)
     with (args.out / 'report.csv').open('w', newline='') as stream:
         writer = csv.DictWriter(stream, fieldnames=columns)
         writer.writeheader()
-        for name in args.models:
-            measured = measure_model(name, runs, sets, calibrator, args)
-            add_latencies(measured, args.rounds, args.places)
-            for row, _ in measured:
-                rows.append(row)
-                writer.writerow({k: _fmt(row.get(k, '')) for k in columns})
-            stream.flush()
-    return rows
+        for row, _ in measured:
+            writer.writerow({k: _fmt(row.get(k, '')) for k in columns})
+    return [row for row, _ in measured]
 
 
 def measure_model(
@@ -523,6 +535,7 @@ def report_columns(sets: Sequence[EvalSet] | Sequence[str]) -> list[str]:
         'map_global_mb',
         'total_mb',
         'paper_total_mb',
+        'gflops',
         'rss_mb',
         'peak_rss_mb',
         'runtime_rss_mb',
@@ -592,8 +605,9 @@ def _cut(row: dict[str, Any], base: dict[str, Any], key: str) -> float:
     return 1.0 - float(row[key]) / float(base[key])
 
 
-def _mb(row: dict[str, Any], key: str) -> str:
-    return '' if row.get(key, '') == '' else f'{float(row[key]):.0f}'
+def _mb(row: dict[str, Any], key: str, digits: int = 0) -> str:
+    """A figure of ``row`` that may not have been measured (blank then)."""
+    return '' if row.get(key, '') == '' else f'{float(row[key]):.{digits}f}'
 
 
 def _worst(row: dict[str, Any], names: Sequence[str], key: str) -> float:
@@ -609,16 +623,27 @@ def _r1_loss(row: dict[str, Any], base: dict[str, Any], names: Sequence[str]) ->
     )
 
 
-def summarize(rows: list[dict[str, Any]], max_loss: float, budgets: dict[str, list[float]]) -> str:
+def summarize(
+    rows: list[dict[str, Any]],
+    max_loss: float,
+    budgets: dict[str, list[float]],
+    agree_min_r1: float = 0.5,
+) -> str:
     """Markdown: efficiency table, recall and fidelity table, cuts at fidelity budgets,
-    and the recipe (largest pruning within ``max_loss`` of R@1 on every dataset)."""
+    and the recipe (largest pruning within ``max_loss`` of R@1 on every dataset).
+
+    Agreement budgets count the datasets where the unpruned model's R@1 after re-ranking
+    reaches ``agree_min_r1`` (where its top-1 is near chance, which place comes first is
+    noise); correlation budgets count every dataset.
+    """
     names = dataset_names(rows)
     lines = ['## Efficiency (whole system; cuts against the unpruned model)', '']
     lines.append(
         '| model | run | step | s | d | D | C | model MB | map MB | map MB (global '
-        'only) | total MB | -total | paper total MB | -paper | RSS MB | -RSS | ms | -ms |'
+        'only) | total MB | -total | paper total MB | -paper | RSS MB | -RSS | GFLOPs | -FLOPs '
+        '| ms | -ms |'
     )
-    lines.append('|' + '---|' * 18)
+    lines.append('|' + '---|' * 20)
     for row in rows:
         base = _base(rows, row)
         lines.append(
@@ -629,6 +654,7 @@ def summarize(rows: list[dict[str, Any]], max_loss: float, budgets: dict[str, li
             f'{row["total_mb"]:.0f} | {_pct(_cut(row, base, "total_mb"))} | '
             f'{row["paper_total_mb"]:.0f} | {_pct(_cut(row, base, "paper_total_mb"))} | '
             f'{_mb(row, "rss_mb")} | {_pct(_cut(row, base, "rss_mb"))} | '
+            f'{_mb(row, "gflops", 3)} | {_pct(_cut(row, base, "gflops"))} | '
             f'{row["total_ms"]:.1f} | {_pct(_cut(row, base, "total_ms"))} |'
         )
     lines += ['', '## Recall and fidelity per dataset (R@1 re-ranked / retrieval, %)', '']
@@ -645,24 +671,29 @@ def summarize(rows: list[dict[str, Any]], max_loss: float, budgets: dict[str, li
     lines += ['', '## Cuts at equal descriptor-fidelity budgets', '']
     lines.append(
         'The pruned model with the largest total-memory cut whose fidelity meets the budget '
-        'on every dataset (agree: top-1 agreement with the unpruned model; corr: correlation '
-        'of the query-map similarities).'
+        'on every counted dataset: agree, the top-1 agreement with the unpruned model, on '
+        f'the datasets where the unpruned model reaches R@1 {100 * agree_min_r1:g} % (named '
+        'in the budget); corr, the correlation of the query-map similarities, on all.'
     )
     lines.append('')
     lines.append(
-        '| model | budget | run | step | D | -total MB | -paper MB | -RSS | -ms | '
+        '| model | budget | run | step | D | -total MB | -paper MB | -RSS | -FLOPs | -ms | '
         'worst R@1 loss (points) |'
     )
-    lines.append('|' + '---|' * 10)
+    lines.append('|' + '---|' * 11)
     for model in dict.fromkeys(r['model'] for r in rows):
         mine = [r for r in rows if r['model'] == model and r['step'] > 0]
         base = _base(rows, {'model': model})
+        recognised = [n for n in names if float(base[f'{n}_r1']) >= agree_min_r1]
         for key, levels in budgets.items():
+            counted = recognised if key == 'agree' else names
             for level in levels:
-                meeting = [r for r in mine if _worst(r, names, key) >= level]
-                label = f'{key} >= {level:g}'
+                meeting = [r for r in mine if counted and _worst(r, counted, key) >= level]
+                label = f'{key} >= {level:g}' + (
+                    f' ({", ".join(counted)})' if key == 'agree' else ''
+                )
                 if not meeting:
-                    lines.append(f'| {model} | {label} | none meets it | | | | | | | |')
+                    lines.append(f'| {model} | {label} | none meets it | | | | | | | | |')
                     continue
                 best = max(meeting, key=lambda r: _cut(r, base, 'total_mb'))
                 lines.append(
@@ -671,6 +702,7 @@ def summarize(rows: list[dict[str, Any]], max_loss: float, budgets: dict[str, li
                     f'{_pct(_cut(best, base, "total_mb"))} | '
                     f'{_pct(_cut(best, base, "paper_total_mb"))} | '
                     f'{_pct(_cut(best, base, "rss_mb"))} | '
+                    f'{_pct(_cut(best, base, "gflops"))} | '
                     f'{_pct(_cut(best, base, "total_ms"))} | '
                     f'{100 * _r1_loss(best, base, names):.1f} |'
                 )
@@ -697,15 +729,22 @@ def summarize(rows: list[dict[str, Any]], max_loss: float, budgets: dict[str, li
             f'(D {int(best["global_dim"])}): '
             f'total memory {_pct(_cut(best, base, "total_mb"))} less '
             f'(paper count {_pct(_cut(best, base, "paper_total_mb"))}), RSS '
-            f'{_pct(_cut(best, base, "rss_mb"))}, latency {_pct(_cut(best, base, "total_ms"))}; '
-            f'worst top-1 agreement {100 * _worst(best, names, "agree"):.1f} %'
+            f'{_pct(_cut(best, base, "rss_mb"))}, extraction FLOPs '
+            f'{_pct(_cut(best, base, "gflops"))}, latency {_pct(_cut(best, base, "total_ms"))}; '
+            f'top-1 agreement {_agreements(best, names)}'
         )
     return '\n'.join(lines) + '\n'
+
+
+def _agreements(row: dict[str, Any], names: Sequence[str]) -> str:
+    return ', '.join(f'{n} {100 * float(row[n + "_agree"]):.0f} %' for n in names)
 
 
 def _recovery_flags(row: dict[str, Any]) -> str:
     if row['recovery'] == 'bn':
         return ' with `--calibration-data IMAGES`'
+    if row['recovery'] == 'distill':
+        return ' with `--train-data IMAGES --metric-weight 0`'
     if row['recovery'] == 'finetune':
         return ' with `--calibration-data IMAGES --train-data IMAGES --metric-weight 0`'
     return ''
@@ -812,7 +851,7 @@ def make_parser() -> argparse.ArgumentParser:
         help='images for batch-norm re-estimation and distillation (not evaluated)',
     )
     parser.add_argument(
-        '--finetune-iters', type=int, default=10, help='distillation iterations per step'
+        '--finetune-iters', type=int, default=20, help='distillation iterations per step'
     )
     parser.add_argument(
         '--finetune-size',
@@ -856,7 +895,7 @@ def make_parser() -> argparse.ArgumentParser:
         help='which steps get the process-memory run (about 10 s each; the unpruned model '
         'always does unless none)',
     )
-    parser.add_argument('--rounds', type=int, default=20, help='latency rounds')
+    parser.add_argument('--rounds', type=int, default=40, help='latency rounds')
     parser.add_argument('--threads', type=int, default=1, help='torch and faiss CPU threads')
     parser.add_argument(
         '--max-loss', type=float, default=0.01, help='R@1 loss the recipe allows (fraction)'
@@ -867,6 +906,12 @@ def make_parser() -> argparse.ArgumentParser:
         nargs='+',
         default=[0.95, 0.9, 0.8, 0.5],
         help='top-1 agreement budgets of the summary',
+    )
+    parser.add_argument(
+        '--agree-min-r1',
+        type=float,
+        default=0.5,
+        help='agreement budgets count the datasets where the unpruned R@1 reaches this',
     )
     parser.add_argument(
         '--corr-budgets',
@@ -892,15 +937,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         plots = plot(rows, args.out)
         budgets = {'agree': args.agree_budgets, 'corr': args.corr_budgets}
-        summary = summarize(rows, args.max_loss, budgets)
+        summary = summarize(rows, args.max_loss, budgets, args.agree_min_r1)
         (args.out / 'summary.md').write_text(summary)
         (args.out / 'args.json').write_text(json.dumps(vars(args), default=str, indent=2))
         print(summary)
         logger.info(
-            'wrote %s, summary.md and %d plots in %.0f s',
-            args.out / 'report.csv',
-            len(plots),
-            time.perf_counter() - start,
+            'wrote %s and %d plots in %.0f s', args.out, len(plots), time.perf_counter() - start
         )
         return 0
 

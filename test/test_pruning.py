@@ -267,7 +267,12 @@ def test_prune_command_writes_a_loadable_model_and_a_step_table(tmp_path: Path, 
     assert load_model(out / 'steps' / 'step1').global_dim == 448
     rows = list(csv.DictReader((out / 'steps.csv').open()))
     assert [int(r['global_dim']) for r in rows] == [512, 448, 384]
+    assert [float(r['descriptor_sparsity']) for r in rows] == [0.0, 0.125, 0.25]
     assert int(rows[0]['params']) > int(rows[2]['params'])
+    # The map counts the local features: more than the global descriptors, and shrinking.
+    maps = [float(r['map_mb_per_1000']) for r in rows]
+    assert all(float(r['global_mb_per_1000']) < m for r, m in zip(rows, maps))
+    assert maps[0] > maps[1] > maps[2]
     assert model.conf['pruning']['bn_recalibrated'] is True
 
 

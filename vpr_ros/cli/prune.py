@@ -88,8 +88,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--train-data',
         type=Path,
-        help='place-labelled images (VPR folder format, @east@north@ in file names) to '
-        'fine-tune on between steps',
+        help='images to fine-tune on between steps: place-labelled (VPR folder format, '
+        '@east@north@ in file names) for the metric loss, or any images with '
+        '--metric-weight 0 (distillation to the unpruned model only)',
     )
     add_arguments(
         parser.add_argument_group('fine-tuning (with --train-data)'),
