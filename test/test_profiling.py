@@ -93,6 +93,4 @@ def test_latencies_are_times_in_milliseconds() -> None:
     assert fastest > 0 and median > 0
     assert fastest < 1000 and median < 1000
     assert 0 < matching_latency_ms(64, places=1000, queries=20, k=5, statistic='min') < 1000
-    small = rerank_latency_ms(16, 32, candidates=5, runs=3)
-    large = rerank_latency_ms(256, 32, candidates=5, runs=3)
-    assert 0 < small < large < 1000
+    assert 0 < rerank_latency_ms(16, 32, candidates=5, runs=3, statistic='min') < 1000
