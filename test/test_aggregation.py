@@ -1,4 +1,5 @@
-"""Aggregation layers: GeM, Conv-AP and MixVPR shapes, options and seeded initialisation."""
+"""Aggregation layers: GeM, GeM + linear projection, Conv-AP and MixVPR shapes, options
+and seeded initialisation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import torch
 
 from vpr_ros.errors import ConfigError
 from vpr_ros.models import load_model
-from vpr_ros.models.aggregation import AGGREGATORS, ConvAP, GeM, MixVPR, build_aggregator
+from vpr_ros.models.aggregation import (
+    AGGREGATORS,
+    ConvAP,
+    GeM,
+    GeMLinear,
+    MixVPR,
+    build_aggregator,
+)
 
 FEATURES = torch.rand(2, 32, 6, 8)
 
@@ -15,6 +23,7 @@ FEATURES = torch.rand(2, 32, 6, 8)
 def test_every_aggregator_reports_its_descriptor_dimension() -> None:
     confs = {
         'gem': ({}, 32),
+        'gem_linear': ({'out_features': 20}, 20),
         'convap': ({'out_channels': 16, 's1': 2, 's2': 3}, 16 * 6),
         'mixvpr': ({'out_channels': 16, 'in_h': 6, 'in_w': 8, 'out_rows': 4}, 16 * 4),
     }
@@ -28,6 +37,22 @@ def test_every_aggregator_reports_its_descriptor_dimension() -> None:
 def test_gem_with_p_one_is_average_pooling() -> None:
     gem = GeM(32, p=1.0)
     torch.testing.assert_close(gem(FEATURES), FEATURES.mean(dim=(2, 3)))
+
+
+def test_gem_linear_projects_the_gem_descriptor() -> None:
+    layer = GeMLinear(32, out_features=12, p=2.0)
+    expected = layer.proj(GeM(32, p=2.0)(FEATURES))
+    torch.testing.assert_close(layer(FEATURES), expected)
+    assert layer.proj.weight.shape == (12, 32) and not layer.proj.bias.any()
+
+
+def test_untrained_gem_linear_only_rotates_gem_so_similarities_are_gems() -> None:
+    layer, gem = GeMLinear(32), GeM(32)
+    assert layer.out_dim == 32
+    projected = torch.nn.functional.normalize(layer(FEATURES), dim=1)
+    pooled = torch.nn.functional.normalize(gem(FEATURES), dim=1)
+    torch.testing.assert_close(projected @ projected.T, pooled @ pooled.T)
+    assert not torch.allclose(projected, pooled)  # a rotation, not the identity
 
 
 def test_convap_is_a_1x1_convolution_then_cell_pooling() -> None:
@@ -84,7 +109,13 @@ def test_seeded_layers_are_the_same_every_time_and_leave_the_global_rng_alone() 
 
 
 @pytest.mark.parametrize(
-    'name, dim', [('efficientnet_lite0_convap', 1024), ('efficientnet_lite0_mixvpr', 1024)]
+    'name, dim',
+    [
+        ('efficientnet_lite0_convap', 1024),
+        ('efficientnet_lite0_mixvpr', 1024),
+        ('efficientnet_lite0_gem_linear', 1280),
+        ('resnet18_gem_linear', 512),
+    ],
 )
 def test_registry_models_with_learned_aggregation_have_a_stable_identity(name, dim) -> None:
     small = {'preprocessing': {'size': [64, 64]}}

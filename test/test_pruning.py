@@ -1,5 +1,5 @@
-"""Structured pruning: schedule, gamma, channel counts, export round trip, maps, the prune
-command."""
+"""Structured pruning: schedule, gamma (the final descriptor sparsity), channel counts, the
+GeM + linear projection, export round trip, maps, the prune command."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from vpr_ros.pruning import (
     PruneConf,
     channel_counts,
     head_layers,
-    head_sparsity,
     prune,
     sparsity_schedule,
 )
@@ -62,8 +61,10 @@ def test_sparsity_rises_linearly_to_the_final_value() -> None:
 def test_pruning_settings_check_their_values_with_the_fix() -> None:
     with pytest.raises(ConfigError, match=r'sparsity must be in \[0, 1\), got 1.0; 0.3 removes'):
         PruneConf(sparsity=1.0)
-    with pytest.raises(ConfigError, match='gamma must be >= 0'):
+    with pytest.raises(ConfigError, match=r'gamma is the final sparsity.*got -0.5'):
         PruneConf(gamma=-0.5)
+    with pytest.raises(ConfigError, match=r'multiplier m of the backbone sparsity s.*m \* s'):
+        PruneConf(sparsity=0.2, gamma=2.0)  # the old README recipe's multiplier
     with pytest.raises(ConfigError, match="importance must be one of \\['l1', 'l2', 'taylor'\\]"):
         PruneConf(importance='l3')
     with pytest.raises(ConfigError, match='trace_size must have 2 values'):
@@ -78,13 +79,17 @@ def test_schedule_rejects_impossible_values(sparsity: float, steps: int) -> None
         sparsity_schedule(sparsity, steps)
 
 
-def test_head_sparsity_is_gamma_times_the_backbone_sparsity_and_capped() -> None:
-    assert head_sparsity(0.4, 0.0) == 0.0
-    assert head_sparsity(0.4, 0.5) == pytest.approx(0.2)
-    assert head_sparsity(0.4, 1.0) == pytest.approx(0.4)
-    assert head_sparsity(0.8, 2.0) == pytest.approx(0.95)
-    with pytest.raises(ConfigError, match='gamma'):
-        head_sparsity(0.4, -1.0)
+def test_gamma_is_the_final_descriptor_sparsity_reached_on_the_backbone_schedule(
+    resnet18,
+) -> None:
+    steps = list(prune(resnet18, PruneConf(sparsity=0.5, steps=4, gamma=0.25)))
+    assert [s.sparsity for s in steps] == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    assert [s.descriptor_sparsity for s in steps] == pytest.approx([1 / 16, 1 / 8, 3 / 16, 0.25])
+    assert [s.model.global_dim for s in steps] == [480, 448, 416, 384]  # 512 * (1 - d)
+    # Gamma does not depend on the backbone sparsity: more descriptor than backbone pruning.
+    step = last(prune(resnet18, PruneConf(sparsity=0.2, steps=1, gamma=0.5)))
+    assert step.model.global_dim == 256
+    assert channel_counts(step.model)['backbone.layer4.0.conv1'] == pytest.approx(512 * 0.8, abs=1)
 
 
 def test_head_layers_are_the_descriptor_producing_layers(resnet18, lite0) -> None:
@@ -92,12 +97,14 @@ def test_head_layers_are_the_descriptor_producing_layers(resnet18, lite0) -> Non
     assert head_layers(resnet18) == [resnet18.backbone.layer4[1].conv2]
     mixvpr = load_model('efficientnet_lite0_mixvpr', SMALL)
     assert head_layers(mixvpr) == [mixvpr.aggregation.channel_proj]
+    projected = load_model('resnet18_gem_linear', SMALL)
+    assert head_layers(projected) == [projected.aggregation.proj]
 
 
 # -- channel counts -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('gamma, dim', [(0.0, 512), (0.5, 384), (1.0, 256)])
+@pytest.mark.parametrize('gamma, dim', [(0.0, 512), (0.25, 384), (0.5, 256)])
 def test_pruning_at_half_gives_the_expected_channels_and_descriptor(resnet18, gamma, dim) -> None:
     step = last(prune(resnet18, PruneConf(sparsity=0.5, steps=1, gamma=gamma)))
     counts = channel_counts(step.model)
@@ -112,7 +119,7 @@ def test_pruning_at_half_gives_the_expected_channels_and_descriptor(resnet18, ga
 
 
 def test_each_step_prunes_to_its_scheduled_sparsity(resnet18) -> None:
-    steps = list(prune(resnet18, PruneConf(sparsity=0.5, steps=2, gamma=1.0)))
+    steps = list(prune(resnet18, PruneConf(sparsity=0.5, steps=2, gamma=0.5)))
     assert [s.sparsity for s in steps] == pytest.approx([0.25, 0.5])
     assert [channel_counts(s.model)['backbone.conv1'] for s in steps] == [48, 32]
     assert [s.model.global_dim for s in steps] == [384, 256]
@@ -137,16 +144,30 @@ def test_round_to_keeps_channel_counts_multiples(resnet18) -> None:
 def test_aggregation_layers_shrink_with_gamma(name, full, pruned) -> None:
     model = load_model(f'efficientnet_lite0_{name}', SMALL)
     assert model.global_dim == full
-    step = last(prune(model, PruneConf(sparsity=0.5, steps=1, gamma=0.5)))
+    step = last(prune(model, PruneConf(sparsity=0.5, steps=1, gamma=0.25)))
     assert step.model.global_dim == pruned  # 256 channels * (1 - 0.25) * 4 cells / rows
     assert step.model(IMAGES)['global_descriptor'].shape == (2, pruned)
     assert channel_counts(step.model)['backbone.conv_head'] == 640  # backbone: 1280 * 0.5
 
 
+def test_gem_linear_loses_projection_outputs_to_gamma_and_inputs_to_the_backbone() -> None:
+    model = load_model('resnet18_gem_linear', SMALL)
+    steps = list(prune(model, PruneConf(sparsity=0.5, steps=2, gamma=0.25)))
+    projections = [s.model.aggregation.proj for s in steps]
+    assert [p.out_features for p in projections] == [448, 384]  # D: 512 * (1 - gamma k / n)
+    assert [p.in_features for p in projections] == [384, 256]  # the final channels
+    assert [channel_counts(s.model)['backbone.layer4.1.conv2'] for s in steps] == [384, 256]
+    assert [s.model.global_dim for s in steps] == [448, 384]
+    assert steps[-1].model(IMAGES)['global_descriptor'].shape == (2, 384)
+    assert steps[-1].model.local_dim == 128  # layer3: backbone sparsity
+
+
 # -- export ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('name', ['efficientnet_lite0_gem', 'efficientnet_lite0_mixvpr'])
+@pytest.mark.parametrize(
+    'name', ['efficientnet_lite0_gem', 'efficientnet_lite0_mixvpr', 'resnet18_gem_linear']
+)
 def test_pruned_model_export_reloads_to_the_same_outputs(tmp_path: Path, name: str) -> None:
     model = load_model(name, SMALL)
     step = last(prune(model, PruneConf(sparsity=0.4, steps=2, gamma=0.5)))
@@ -174,7 +195,7 @@ def test_pruned_weights_that_do_not_fit_are_refused(tmp_path: Path, resnet18) ->
 def test_a_map_built_with_a_pruned_model_is_smaller_and_rejected_by_the_unpruned_model(
     tmp_path: Path, lite0
 ) -> None:
-    pruned = last(prune(lite0, PruneConf(sparsity=0.5, steps=1, gamma=1.0))).model
+    pruned = last(prune(lite0, PruneConf(sparsity=0.5, steps=1, gamma=0.5))).model
     save_model(pruned, tmp_path / 'model')
     pruned = load_model(tmp_path / 'model')
     builder = MapBuilder(pruned, {'batch_size': 4})
@@ -236,7 +257,7 @@ def test_prune_command_writes_a_loadable_model_and_a_step_table(tmp_path: Path, 
     code = prune_main(
         [
             '--model', str(tmp_path / 'base'), '--out', str(out), '--sparsity', '0.5',
-            '--steps', '2', '--gamma', '0.5', '--runs', '1', '--save-steps',
+            '--steps', '2', '--gamma', '0.25', '--runs', '1', '--save-steps',
             '--calibration-data', str(images),
         ]
     )  # fmt: skip
@@ -246,7 +267,12 @@ def test_prune_command_writes_a_loadable_model_and_a_step_table(tmp_path: Path, 
     assert load_model(out / 'steps' / 'step1').global_dim == 448
     rows = list(csv.DictReader((out / 'steps.csv').open()))
     assert [int(r['global_dim']) for r in rows] == [512, 448, 384]
+    assert [float(r['descriptor_sparsity']) for r in rows] == [0.0, 0.125, 0.25]
     assert int(rows[0]['params']) > int(rows[2]['params'])
+    # The map counts the local features: more than the global descriptors, and shrinking.
+    maps = [float(r['map_mb_per_1000']) for r in rows]
+    assert all(float(r['global_mb_per_1000']) < m for r, m in zip(rows, maps))
+    assert maps[0] > maps[1] > maps[2]
     assert model.conf['pruning']['bn_recalibrated'] is True
 
 

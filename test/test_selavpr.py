@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from vpr_ros.cli.convert_selavpr import main as convert_main
 from vpr_ros.errors import ConfigError, ModelError
 from vpr_ros.models import CONFS, load_model, save_model
-from vpr_ros.models.selavpr import SelaVpr, read_selavpr_checkpoint
+from vpr_ros.models.selavpr import SelaVpr, dinov2_pos_embed, read_selavpr_checkpoint
 
 TINY = 'selavpr_tiny_random'
 TINY_TIMM = {'depth': 2, 'embed_dim': 64, 'num_heads': 2, 'init_values': 1.0}
@@ -172,6 +172,84 @@ def test_backbone_weights_load_from_official_and_timm_files(tmp_path: Path) -> N
         tiny_model(backbone_weights=str(tmp_path / 'wrong.safetensors'))
 
 
+def dinov2_reference(patch: torch.Tensor, side: int, grid: tuple[int, int]) -> torch.Tensor:
+    """DINOv2's run-time interpolation (interpolate_pos_encoding, interpolate_offset 0.1,
+    no antialiasing) of an (1, side * side, C) patch embedding to an h x w patch grid."""
+    h0, w0 = grid
+    square = patch.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(
+        square, scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side), mode='bicubic'
+    )
+    return resized.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
+
+
+@pytest.mark.parametrize('grid', [(5, 5), (5, 3), (9, 9), (7, 7)])
+def test_position_embedding_is_interpolated_with_dinov2s_formula(grid: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    stored = torch.randn(1, 1 + 7 * 7, 6, generator=gen)
+    got = dinov2_pos_embed(stored, grid, prefix_tokens=1)
+    assert got.shape == (1, 1 + grid[0] * grid[1], 6)
+    if grid == (7, 7):
+        assert got is stored  # DINOv2 uses its training grid's embedding as stored
+        return
+    torch.testing.assert_close(got[:, :1], stored[:, :1], rtol=0, atol=0)  # class token's
+    expected = dinov2_reference(stored[:, 1:], 7, grid)
+    torch.testing.assert_close(got[:, 1:], expected, rtol=0, atol=0)
+    # Resizing to the size alone (timm's resampling) samples elsewhere: not the same.
+    timm_like = timm.layers.resample_abs_pos_embed(stored, list(grid), antialias=False)
+    assert (timm_like - got).abs().max() > 1e-3
+
+
+def test_loaded_backbones_carry_dinov2s_interpolated_position_embedding(tmp_path: Path) -> None:
+    source = plain_backbone(img_size=98)  # DINOv2 stores a square grid: 7x7 here; ours is 5x5
+    state = source.state_dict()
+    torch.save({**state, 'mask_token': torch.zeros(1, 64)}, tmp_path / 'official.pth')
+    model = tiny_model(backbone_weights=str(tmp_path / 'official.pth'))
+    expected = dinov2_reference(state['pos_embed'][:, 1:], 7, (5, 5))
+    ours = model.backbone.pos_embed.detach()
+    torch.testing.assert_close(ours[:, 1:], expected, rtol=0, atol=0)
+    torch.testing.assert_close(ours[:, :1], state['pos_embed'][:, :1], rtol=0, atol=0)
+
+    # Registers: DINOv2 keeps the class token's row in pos_embed; timm's layout folds it
+    # into the class token and has no prefix rows.
+    reg = timm.create_model(
+        'vit_small_patch14_reg4_dinov2', pretrained=False, num_classes=0, global_pool='',
+        img_size=98, **TINY_TIMM,
+    ).state_dict()  # fmt: skip
+    class_row = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(5))
+    official = {k: v for k, v in reg.items() if k not in ('reg_token', 'pos_embed')}
+    official |= {
+        'register_tokens': reg['reg_token'],
+        'pos_embed': torch.cat([class_row, reg['pos_embed']], dim=1),
+        'mask_token': torch.zeros(1, 64),
+    }
+    torch.save(official, tmp_path / 'official_reg4.pth')
+    save_file(reg, str(tmp_path / 'timm_reg4.safetensors'))
+    for path in (tmp_path / 'official_reg4.pth', tmp_path / 'timm_reg4.safetensors'):
+        model = tiny_model(backbone='vit_small_patch14_reg4_dinov2', backbone_weights=str(path))
+        ours = model.backbone.state_dict()
+        expected = dinov2_reference(reg['pos_embed'], 7, (5, 5))
+        torch.testing.assert_close(ours['pos_embed'], expected, rtol=0, atol=0)
+        cls = reg['cls_token'] + (class_row[0] if path.suffix == '.pth' else 0)
+        torch.testing.assert_close(ours['cls_token'], cls, rtol=0, atol=0)
+
+
+def test_adapters_start_as_the_official_code_starts_them() -> None:
+    model = load_model(
+        'selavpr_vits14', {'backbone_weights': 'random', 'backbone_kwargs': {'depth': 2}}
+    )
+    for block in model.backbone.blocks:
+        for adapter in (block.adapter1, block.adapter2):
+            down = adapter.down.weight.detach()
+            assert down.shape == (192, 384)
+            assert down.std().item() == pytest.approx(0.02, rel=0.05)  # trunc_normal(0.02)
+            assert abs(down.mean().item()) < 1e-3
+            assert not adapter.down.bias.any()
+            assert not adapter.up.weight.any() and not adapter.up.bias.any()
+    first, second = (block.adapter1.down.weight for block in model.backbone.blocks)
+    assert not torch.equal(first, second)
+
+
 def test_save_and_load_round_trip_stores_trainable_tensors_only(tmp_path: Path) -> None:
     save_file(plain_backbone().state_dict(), str(tmp_path / 'dinov2.safetensors'))
     model = tiny_model(backbone_weights=str(tmp_path / 'dinov2.safetensors'))
@@ -263,8 +341,10 @@ def test_published_checkpoint_converts_and_loads(tmp_path: Path, capsys) -> None
     }
     for ours, theirs in pairs.items():
         torch.testing.assert_close(state[ours], published[theirs])
-    # pos_embed 37x37 (518 px) resampled to the 16x16 grid of 224 px.
+    # pos_embed 37x37 (518 px) interpolated to the 16x16 grid of 224 px as DINOv2 does.
     assert state['backbone.pos_embed'].shape == (1, 257, 384)
+    expected = dinov2_reference(published['module.backbone.pos_embed'][:, 1:], 37, (16, 16))
+    torch.testing.assert_close(state['backbone.pos_embed'][:, 1:], expected, rtol=0, atol=0)
     with torch.no_grad():
         out = model(images(1, 224))
     assert out['local_features'].shape == (1, 128, 61, 61)

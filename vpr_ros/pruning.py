@@ -8,10 +8,12 @@ itself. The model, the map (D floats per place), extraction and matching all shr
 
 - **Schedule**: iterative; the backbone's channel sparsity rises linearly to
   ``sparsity`` over ``steps`` steps (``sparsity_schedule``).
-- **Gamma**: the descriptor layers (the aggregation's convolutions / linear layers, or
-  for GeM the backbone layer whose channels GeM pools) are pruned at ``gamma`` times the
-  backbone's sparsity (``head_sparsity``): gamma 0 keeps D, gamma 1 prunes it like the
-  backbone.
+- **Gamma** (the paper's): the *final* sparsity of the descriptor layers (the
+  aggregation's output convolutions / linear layers, e.g. the projection after GeM, or
+  for a bare GeM the backbone layer whose channels GeM pools), reached on the same linear
+  schedule as the backbone: after step k of n they have lost ``gamma * k / n`` of their
+  output channels, so the descriptor dimension D ends at ``(1 - gamma) * D``. Gamma 0
+  keeps D; gamma is independent of ``sparsity``.
 - **Importance**: L1 or L2 filter magnitude, or first-order Taylor (|w * dL/dw|, which
   needs a loss, so place-labelled images).
 - **Recovery** (optional, between steps; ``prune_with_recovery``): batch-norm
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     from vpr_ros.models.pruned import PrunedCnnVpr
 
 IMPORTANCES = ('l1', 'l2', 'taylor')
-# No layer loses more than this fraction of its channels, whatever gamma asks for.
+# The largest final descriptor sparsity (gamma) accepted: D keeps at least 5 %.
 MAX_SPARSITY = 0.95
 
 
@@ -74,12 +76,20 @@ def sparsity_schedule(final_sparsity: float, steps: int) -> list[float]:
     return [final_sparsity * k / int(steps) for k in range(1, int(steps) + 1)]
 
 
-def head_sparsity(sparsity: float, gamma: float) -> float:
-    """Sparsity of the descriptor layers for a backbone sparsity: ``gamma * sparsity``,
-    capped at ``MAX_SPARSITY``."""
-    if gamma < 0:
-        raise ConfigError(f'gamma must be >= 0, got {gamma!r}; 0 keeps the descriptor size')
-    return min(gamma * sparsity, MAX_SPARSITY)
+def check_gamma(gamma: float) -> None:
+    """Refuse a gamma that is not a final descriptor sparsity in [0, ``MAX_SPARSITY``].
+
+    Raises:
+        ConfigError: with the conversion from the multiplier gamma of earlier versions.
+    """
+    if not 0.0 <= gamma <= MAX_SPARSITY:
+        msg = (
+            f'gamma is the final sparsity of the descriptor layers and must be in '
+            f'[0, {MAX_SPARSITY}], got {gamma!r} (0.25 removes a quarter of the descriptor '
+            'dimension D); a multiplier m of the backbone sparsity s (earlier versions) is '
+            'gamma = m * s'
+        )
+        raise ConfigError(msg)
 
 
 def make_importance(name: str) -> tp.importance.Importance:
@@ -104,10 +114,10 @@ class PruneConf(Conf):
     )
     steps: int = option(3, 'Pruning steps (the sparsity rises linearly)', min=1)
     gamma: float = option(
-        1.0,
-        'Descriptor-layer sparsity relative to the backbone: 0 keeps the descriptor '
-        'dimension D, 1 prunes it like the backbone',
-        min=0.0,
+        0.3,
+        "Final sparsity of the descriptor layers (the paper's gamma), reached on the "
+        "backbone's linear schedule: the descriptor dimension D ends at (1 - gamma) * D; "
+        '0 keeps D',
     )
     importance: str = option(
         'l2',
@@ -129,15 +139,17 @@ class PruneConf(Conf):
 
     def validate(self) -> None:
         sparsity_schedule(self.sparsity, self.steps)
+        check_gamma(self.gamma)
 
 
 @dataclass
 class PruneStep:
-    """The model after one pruning step (and its fine-tuning, if any)."""
+    """The model after one pruning step (and its fine-tuning, if any): ``sparsity`` of
+    the backbone and ``descriptor_sparsity`` of the descriptor layers after this step."""
 
     index: int
     sparsity: float
-    head_sparsity: float
+    descriptor_sparsity: float
     model: PrunedCnnVpr
     finetune_loss: float | None = None
 
@@ -195,10 +207,11 @@ def _inside_pass_through(model: nn.Module) -> set[int]:
 
 
 def head_layers(model: CnnVpr) -> list[nn.Module]:
-    """The layers whose output channels make the descriptor, pruned at the gamma ratio.
+    """The layers whose output channels make the descriptor, pruned to gamma.
 
     The aggregation's convolutions and linear layers (Conv-AP, MixVPR's channel
-    projection); for an aggregation without such layers (GeM, D = final channels), the
+    projection, the projection after GeM); their input channels follow the backbone.
+    For an aggregation without such layers (GeM, D = final channels), the
     backbone's last convolution producing the final feature map, which takes with it
     every layer coupled to those channels (e.g. a ResNet stage's residual stream).
     """
@@ -338,10 +351,11 @@ def _prune_steps(
     work.invalidate_identity()
     heads = head_layers(work)
     schedule = sparsity_schedule(conf.sparsity, conf.steps)
+    descriptor_schedule = sparsity_schedule(conf.gamma, conf.steps)
     with warnings.catch_warnings():  # GeM's p is ignored on purpose (ignored_layers)
         warnings.filterwarnings('ignore', message='Unwrapped parameters detected')
         pruner = _make_pruner(work, conf, heads)
-    for index, sparsity in enumerate(schedule, start=1):
+    for index, (sparsity, descriptor) in enumerate(zip(schedule, descriptor_schedule), 1):
         if gradients is not None and conf.importance == 'taylor':
             work.zero_grad(set_to_none=True)
             gradients(work)
@@ -361,21 +375,22 @@ def _prune_steps(
             **conf.to_dict(),
             'step': index,
             'step_sparsity': sparsity,
-            'step_head_sparsity': head_sparsity(sparsity, conf.gamma),
+            'step_descriptor_sparsity': descriptor,
             'finetuned': finetune is not None,
             'bn_recalibrated': calibrate is not None,
         }
         yield PruneStep(
             index=index,
             sparsity=sparsity,
-            head_sparsity=head_sparsity(sparsity, conf.gamma),
+            descriptor_sparsity=descriptor,
             model=snapshot(work, record),
             finetune_loss=loss,
         )
 
 
 def _make_pruner(work: CnnVpr, conf: PruneConf, heads: list[nn.Module]) -> tp.pruner.BasePruner:
-    """torch-pruning's pruner: backbone at ``conf.sparsity``, ``heads`` at gamma times it."""
+    """torch-pruning's pruner: the backbone to ``conf.sparsity`` and ``heads`` to
+    ``conf.gamma``, each on the linear schedule (``_with_start``)."""
     import torch
     import torch_pruning as tp
 
@@ -385,7 +400,7 @@ def _make_pruner(work: CnnVpr, conf: PruneConf, heads: list[nn.Module]) -> tp.pr
         torch.zeros(1, 3, *conf.trace_size),
         make_importance(conf.importance),
         pruning_ratio=conf.sparsity,
-        pruning_ratio_dict={layer: head_sparsity(conf.sparsity, conf.gamma) for layer in heads},
+        pruning_ratio_dict={layer: conf.gamma for layer in heads},
         iterative_steps=conf.steps,
         iterative_pruning_ratio_scheduler=_with_start,
         ignored_layers=_unwrapped_parameters(work),
@@ -409,7 +424,10 @@ def snapshot(work: CnnVpr, record: dict[str, Any]) -> PrunedCnnVpr:
     conf = {
         **{k: v for k, v in source_conf.items() if k != 'pruning'},
         'model': 'pruned_cnn',
-        'name': f'{record["source"]}-pruned-s{record["step_sparsity"]:.2f}-g{record["gamma"]:g}',
+        'name': (
+            f'{record["source"]}-pruned-s{record["step_sparsity"]:.2f}'
+            f'-d{record["step_descriptor_sparsity"]:.2f}'
+        ),
         'pruning': {k: v for k, v in record.items() if k != 'source_config'},
     }
     state = {k: v.detach().clone() for k, v in work.state_dict().items()}
@@ -423,8 +441,8 @@ __all__ = [
     'PruneConf',
     'PruneStep',
     'channel_counts',
+    'check_gamma',
     'head_layers',
-    'head_sparsity',
     'make_importance',
     'prune',
     'prune_with_recovery',

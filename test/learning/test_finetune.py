@@ -105,7 +105,7 @@ def test_taylor_pruning_with_place_labelled_fine_tuning(tmp_path: Path, resnet18
     steps = list(
         prune(
             resnet18,
-            PruneConf(sparsity=0.5, steps=2, importance='taylor'),
+            PruneConf(sparsity=0.5, steps=2, gamma=0.5, importance='taylor'),
             gradients=finetuner.accumulate_gradients,
             finetune=finetuner,
         )

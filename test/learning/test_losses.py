@@ -51,6 +51,54 @@ def test_mnn_similarity_is_differentiable_through_the_matched_similarities() -> 
     assert a.grad is not None and a.grad.abs().sum() > 0
 
 
+def official_local_similarity(query: torch.Tensor, pred: torch.Tensor) -> float:
+    """SelaVPR's training similarity of one pair (local_matching.py, ``trainflag``),
+    restated: the matches are the query positions whose best prediction position points
+    back at them; one match (the official index tensor squeezes to a scalar) falls back to
+    the mean over positions of <query_l, pred_l>."""
+    sim = pred @ query.T  # (L pred, L query), the official orientation
+    best_pred = sim.argmax(dim=0)  # per query position
+    best_query = sim.argmax(dim=1)  # per prediction position
+    matched = torch.nonzero(best_query[best_pred] == torch.arange(len(query))).flatten()
+    if len(matched) == 1:
+        return float((query * pred).sum(dim=1).mean())
+    return float((query[matched] * pred[best_pred[matched]]).sum(dim=1).mean())
+
+
+def one_match_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three positions whose only mutual match is (0, 0): every query position's best
+    prediction position is 0, whose best query position is 0."""
+    query = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.8, 0.0, 0.6]])
+    pred = torch.eye(3)
+    return query, pred
+
+
+def test_a_single_mnn_match_falls_back_to_the_position_wise_mean_as_in_selavpr() -> None:
+    query, pred = one_match_pair()
+    rows, cols = mutual_nn_matches(query, pred)
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 0)]
+    got = mnn_similarity(query[None], pred[None])
+    # (<q0, p0> + <q1, p1> + <q2, p2>) / 3 = (1 + 0.6 + 0.6) / 3, not the match's 1.0
+    assert got.item() == pytest.approx(2.2 / 3, abs=1e-6)
+    assert got.item() == pytest.approx(official_local_similarity(query, pred), abs=1e-6)
+    query = query.clone().requires_grad_()
+    mnn_similarity(query[None], pred[None]).sum().backward()
+    assert query.grad is not None and (query.grad.abs().sum(dim=1) > 0).all()  # every position
+
+
+def test_mnn_similarity_equals_the_official_training_similarity_pair_by_pair() -> None:
+    gen = torch.Generator().manual_seed(4)
+    query = F.normalize(torch.randn(8, 3, 3, generator=gen), dim=-1)
+    pred = F.normalize(torch.randn(8, 3, 3, generator=gen), dim=-1)
+    single_q, single_p = one_match_pair()
+    query, pred = torch.cat([query, single_q[None]]), torch.cat([pred, single_p[None]])
+    got = mnn_similarity(query, pred)
+    expected = [official_local_similarity(q, p) for q, p in zip(query, pred)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    counts = [len(mutual_nn_matches(q, p)[0]) for q, p in zip(query, pred)]
+    assert 1 in counts and max(counts) >= 2  # both branches are exercised
+
+
 def test_mnn_local_loss_is_a_hinge_of_negative_minus_positive_similarity() -> None:
     gen = torch.Generator().manual_seed(2)
     q = F.normalize(torch.randn(2, 16, 8, generator=gen), dim=-1)

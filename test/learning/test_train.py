@@ -86,6 +86,8 @@ def test_training_settings_keep_selavpr_defaults_and_round_trip() -> None:
     conf = TrainConf()
     assert (conf.lr, conf.margin, conf.pos_dist_m, conf.neg_dist_m) == (1e-5, 0.1, 10.0, 25.0)
     assert conf.recall_values == [1, 5, 10, 20] and conf.select_recall == 5
+    # The best checkpoint: R@5 after MNN re-ranking of the top 100, as the official code.
+    assert (conf.val_rerank_topk, conf.epochs, conf.patience) == (100, 20, 3)
     assert TrainConf.from_dict(json.loads(json.dumps(conf.to_dict()))) == conf
 
 

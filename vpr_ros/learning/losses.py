@@ -22,20 +22,29 @@ def mnn_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean similarity of the mutual-nearest-neighbour matches between local feature sets.
 
     Differentiable through the similarities (the matching itself is not). The matching is
-    the one of ``vpr_ros.rerank.mutual_nn_matches``.
+    the one of ``vpr_ros.rerank.mutual_nn_matches``. As in the official SelaVPR loss, a
+    pair with fewer than two matches falls back to the position-wise mean
+    ``mean_l <a_l, b_l>`` (the features at the same grid position). The official code
+    takes that branch for exactly one match (its index tensor squeezes to a scalar);
+    without any match, which needs exact ties since the largest similarity is always
+    mutual, it averages an empty set (NaN), and the fallback is used here instead.
 
     Args:
-        a: (B, L1, C) L2-normalised local features.
-        b: (B, L2, C) L2-normalised local features.
+        a: (B, L, C) L2-normalised local features.
+        b: (B, L, C) L2-normalised local features on the same grid.
 
     Returns:
-        (B,) mean cosine similarity over the MNN matches of each pair (0 without matches).
+        (B,) mean cosine similarity over the MNN matches of each pair.
     """
     sim = a @ b.transpose(1, 2)  # (B, L1, L2)
     mutual, nn12 = mutual_nn_mask(sim.detach())
     best = torch.gather(sim, 2, nn12.unsqueeze(-1)).squeeze(-1)  # (B, L1)
-    count = mutual.sum(dim=1).clamp(min=1)
-    return (best * mutual).sum(dim=1) / count
+    count = mutual.sum(dim=1)
+    matched = (best * mutual).sum(dim=1) / count.clamp(min=1)
+    if a.shape[1] != b.shape[1]:  # no common grid: no position-wise fallback
+        return matched
+    position_wise = (a * b).sum(dim=-1).mean(dim=1)
+    return torch.where(count >= 2, matched, position_wise)
 
 
 def mnn_local_loss(
@@ -45,7 +54,8 @@ def mnn_local_loss(
 
     Args:
         query: (B, L, C) local features of the queries.
-        positive: (B, L, C) local features of their positives.
+        positive: (B, L, C) local features of their positives (see ``mnn_similarity`` for
+            pairs with fewer than two matches).
         negative: (B, L, C) local features of their negatives.
         margin: hinge margin (0 in the paper).
     """

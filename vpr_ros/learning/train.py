@@ -11,7 +11,9 @@ p), with Adam, through the step fine-tuning also runs (``vpr_ros.learning.finetu
 
 Each epoch ends with a validation Recall@N, computed by the shipped pipeline
 (``vpr_ros.evaluation.evaluate``: an in-memory map of the val database, matched by the
-``Relocalizer`` with MNN re-ranking of the top ``val_rerank_topk`` when above 0).
+``Relocalizer`` with MNN re-ranking of the top ``val_rerank_topk``, 100 by default).
+As in the official code, the best checkpoint is the one with the highest re-ranked R@5
+(``select_recall``) and training stops after ``patience`` epochs without improvement.
 ``<out>/best`` keeps the best model and ``<out>/last`` the latest one with the optimizer
 state and ``train_state.json``, from which training resumes. Both are ``save_model``
 directories, so ``load_model(<out>/best)`` (and build_map/relocalize/evaluate
@@ -95,11 +97,17 @@ class TrainConf(Conf):
     )
     recall_values: list[int] = option([1, 5, 10, 20], 'The N of validation Recall@N', min=1)
     select_recall: int = option(
-        5, 'The best checkpoint is the one with the highest R@N for this N', min=1
+        5,
+        'The best checkpoint is the one with the highest validation R@N for this N (after '
+        're-ranking, see val_rerank_topk)',
+        min=1,
     )
     patience: int = option(3, 'Stop after this many epochs without improvement', min=1)
     val_rerank_topk: int = option(
-        0, 'Validate after MNN re-ranking of this many candidates (0: global only)', min=0
+        100,
+        'Validate after MNN re-ranking of this many retrieved candidates, as SelaVPR '
+        'selects its checkpoint (0: global retrieval only)',
+        min=0,
     )
     horizontal_flip: bool = option(False, 'Flip training batches horizontally at random')
     eval_batch_size: int = option(8, 'Images per forward pass when mining and validating', min=1)

@@ -75,8 +75,28 @@ CONFS: dict[str, dict[str, Any]] = {
         **_LITE0,
         'aggregation': {'name': 'mixvpr', 'out_channels': 256, 'in_h': 8, 'in_w': 10},
     },
+    # GeM + a linear projection (the pruning paper's ResNet GeM variants): the pruner
+    # shrinks D by pruning the projection's outputs. Untrained, the projection is a seeded
+    # orthogonal map, so the Lite0 variant retrieves exactly as the default model does.
+    'efficientnet_lite0_gem_linear': {
+        **_LITE0,
+        'local_stage': 3,
+        'local_pool': 2,
+        'aggregation': {'name': 'gem_linear'},
+        'preprocessing': {'size': [240, 320]},
+    },
     'resnet18_gem': {**_RANDOM_INIT, 'backbone': 'resnet18', 'aggregation': {'name': 'gem'}},
+    'resnet18_gem_linear': {
+        **_RANDOM_INIT,
+        'backbone': 'resnet18',
+        'aggregation': {'name': 'gem_linear'},
+    },
     'resnet50_gem': {**_RANDOM_INIT, 'backbone': 'resnet50', 'aggregation': {'name': 'gem'}},
+    'resnet50_gem_linear': {
+        **_RANDOM_INIT,
+        'backbone': 'resnet50',
+        'aggregation': {'name': 'gem_linear'},
+    },
     'resnet50_convap': {
         **_RANDOM_INIT,
         'backbone': 'resnet50',

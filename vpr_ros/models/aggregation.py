@@ -1,8 +1,8 @@
 """Aggregation layers: a feature map (B, C, H, W) in, a global descriptor (B, D) out.
 
-Each aggregator exposes ``out_dim`` (D). GeM has one scalar parameter; Conv-AP and MixVPR
-have learnable layers, initialised from a fixed ``seed`` so that, without place-trained
-weights, they are the same random projection in every process.
+Each aggregator exposes ``out_dim`` (D). GeM has one scalar parameter; GeM + linear
+projection, Conv-AP and MixVPR have learnable layers, initialised from a fixed ``seed`` so
+that, without place-trained weights, they are the same random projection in every process.
 """
 
 from __future__ import annotations
@@ -138,7 +138,47 @@ class MixVPR(nn.Module):
         return self.row_proj(self.channel_proj(x)).flatten(1)
 
 
-AGGREGATORS: dict[str, type[nn.Module]] = {'gem': GeM, 'convap': ConvAP, 'mixvpr': MixVPR}
+class GeMLinear(nn.Module):
+    """GeM, then a linear projection of the pooled channels: D = ``out_features``.
+
+    The ResNet GeM variants of the structured-pruning paper (Grainge et al.) project the
+    pooled features with a linear layer, whose outputs are the descriptor; the pruner
+    shrinks D by removing those outputs (``vpr_ros.pruning``), while the projection's
+    inputs follow the backbone's final channels. Without place-trained weights the
+    projection is a seeded random orthogonal map with zero bias: at ``out_features`` equal
+    to the input channels (the default) it only rotates GeM's descriptor, so similarities,
+    and retrieval, are GeM's.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        out_features: int | None = None,
+        p: float = 3.0,
+        eps: float = 1e-6,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.gem = GeM(channels, p=p, eps=eps)
+        with _seeded(seed):
+            self.proj = nn.Linear(channels, int(out_features or channels))
+            nn.init.orthogonal_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    @property
+    def out_dim(self) -> int:
+        return self.proj.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.gem(x))
+
+
+AGGREGATORS: dict[str, type[nn.Module]] = {
+    'gem': GeM,
+    'gem_linear': GeMLinear,
+    'convap': ConvAP,
+    'mixvpr': MixVPR,
+}
 
 
 # The aggregation of the model classes' default configurations (CnnVpr, SelaVpr).

@@ -7,7 +7,14 @@
   connection) and a parallel adapter beside the MLP (``ls2(mlp(n) + 0.2 * adapter2(n))``
   with ``n = norm2(x)``). The adapters hang on the blocks as ``adapter1``/``adapter2`` and
   act through forward hooks on ``attn`` and ``mlp``, so the backbone's own parameter names
-  are timm's. Their up-projections start at zero: an untrained model is the frozen backbone.
+  are timm's. They start as the official code starts them: down-projections truncated
+  normal (std 0.02), up-projections and all biases zero, so an untrained model is the
+  frozen backbone.
+- Position embedding: DINOv2 keeps it on the 37x37 grid it was trained at (518 px) and
+  interpolates it to the input's patch grid at run time (bicubic, with
+  ``interpolate_offset`` 0.1 in the scale factor). The interpolation depends only on the
+  grid, which is fixed by the configured input size, so it is done once when the weights
+  load (``dinov2_pos_embed``), with exactly DINOv2's formula, not timm's resampling.
 - Local adaptation: two stride-2 transposed convolutions on the patch-token map
   (ViT-L: 1024 -> 256 -> 128 channels; 16x16 patches -> 61x61 for a 224x224 input).
 - Global descriptor: GeM over the (per-token L2-normalised) patch-token map.
@@ -19,6 +26,7 @@ Only the adapters, the local head and GeM's ``p`` train; ``save_model`` stores j
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -39,7 +47,11 @@ from vpr_ros.models.weights import read_state_dict
 
 
 class Adapter(nn.Module):
-    """Bottleneck MLP (down, ReLU, up) with an optional skip connection; ``up`` starts at 0.
+    """Bottleneck MLP (down, ReLU, up) with an optional skip connection.
+
+    Initialised as in the official SelaVPR code: the ViT's init gives every linear layer a
+    truncated normal weight (std 0.02) and a zero bias, then training zeroes ``D_fc2``
+    (our ``up``), so the adapter starts as the identity (serial) or as 0 (parallel).
 
     Args:
         dim: token dimension.
@@ -56,6 +68,8 @@ class Adapter(nn.Module):
         self.down = nn.Linear(dim, hidden)
         self.act = nn.ReLU()
         self.up = nn.Linear(hidden, dim)
+        nn.init.trunc_normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -70,6 +84,69 @@ class Adapter(nn.Module):
     def parallel_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on ``mlp``: add the scaled adapter branch of the MLP's input."""
         return output + self.scale * self(args[0])
+
+
+# DINOv2's ``interpolate_offset``: added to the target grid in the scale factor of its
+# bicubic position-embedding interpolation (facebookresearch/dino issue 8).
+DINOV2_INTERPOLATE_OFFSET = 0.1
+
+
+def dinov2_pos_embed(
+    pos_embed: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    prefix_tokens: int = 1,
+    offset: float = DINOV2_INTERPOLATE_OFFSET,
+    source: str = '',
+) -> torch.Tensor:
+    """A stored position embedding on the patch grid ``grid``, as DINOv2 makes it at run time.
+
+    DINOv2 (``interpolate_pos_encoding``) keeps the embedding of its M x M training grid
+    and, for an input with an h x w patch grid, returns it unchanged when h = w = M, or
+    else resizes it bicubically (no antialiasing) with the scale factors
+    ``((h + offset) / M, (w + offset) / M)``; with ``offset`` 0 it asks for the size
+    (h, w) instead. The scale factors, not only the output size, set where the samples
+    fall, so this differs from resizing to (h, w) (timm's ``resample_abs_pos_embed``).
+
+    Args:
+        pos_embed: (1, prefix_tokens + M * M, C) as stored; an embedding already on the
+            h x w grid (not square) is returned as it is.
+        grid: (h, w), the patch grid of the input.
+        prefix_tokens: rows before the patch grid (the class token's), kept as they are.
+        offset: DINOv2's ``interpolate_offset``.
+        source: the weights file, for error messages.
+
+    Returns:
+        (1, prefix_tokens + h * w, C), in the dtype of ``pos_embed`` (computed in float32).
+
+    Raises:
+        ModelError: the patch rows form neither a square grid nor the h x w grid.
+    """
+    h, w = (int(n) for n in grid)
+    prefix, patch = pos_embed[:, :prefix_tokens], pos_embed[:, prefix_tokens:]
+    count, dim = int(patch.shape[1]), int(patch.shape[2])
+    side = math.isqrt(count)
+    if side * side != count:
+        if count == h * w:
+            return pos_embed
+        msg = (
+            f'position embedding of {source!r} has {count} patch positions: neither a square '
+            f'grid nor the {h}x{w} grid of this input size'
+        )
+        raise ModelError(msg)
+    if (h, w) == (side, side):
+        return pos_embed
+    square = patch.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if offset:
+        scale = ((h + offset) / side, (w + offset) / side)
+        resized = F.interpolate(square, scale_factor=scale, mode='bicubic', antialias=False)
+    else:
+        resized = F.interpolate(square, size=(h, w), mode='bicubic', antialias=False)
+    if tuple(resized.shape[-2:]) != (h, w):  # offsets of 1 or more change the size
+        msg = f'interpolate_offset {offset!r} gives a {tuple(resized.shape[-2:])} grid'
+        raise ModelError(msg)
+    patch = resized.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patch], dim=1)
 
 
 class LocalHead(nn.Module):
@@ -173,11 +250,10 @@ class SelaVpr(VprModel):
         if 'dinov2' not in name:
             msg = f'SelaVPR backbone {name!r} is not a timm DINOv2 ViT (vit_*_patch14_dinov2)'
             raise ConfigError(msg)
-        pretrained = conf['backbone_weights'] == DOWNLOAD_WEIGHTS
         try:
             backbone = timm.create_model(
                 name,
-                pretrained=pretrained,
+                pretrained=False,
                 num_classes=0,
                 global_pool='',
                 img_size=size,
@@ -190,7 +266,23 @@ class SelaVpr(VprModel):
         return backbone
 
     def _load_backbone_weights(self, source: str | None) -> None:
-        if source in (RANDOM_WEIGHTS, DOWNLOAD_WEIGHTS):
+        if source == RANDOM_WEIGHTS:
+            return
+        if source == DOWNLOAD_WEIGHTS:
+            # timm fetches the weights at their own 518 px grid; they are then loaded like
+            # a file, so the position embedding is interpolated as DINOv2 does it.
+            name = self.conf['backbone']
+            try:
+                pretrained = timm.create_model(
+                    name,
+                    pretrained=True,
+                    num_classes=0,
+                    global_pool='',
+                    **self.conf['backbone_kwargs'],
+                )
+            except Exception as err:
+                raise ModelError(f'cannot download {name!r} weights with timm: {err}') from err
+            self.load_backbone_state(pretrained.state_dict(), f'timm {name}')
             return
         assert source is not None, '_init refuses a model without backbone weights'
         try:
@@ -203,14 +295,21 @@ class SelaVpr(VprModel):
     def load_backbone_state(self, state: dict[str, torch.Tensor], source: str = '') -> None:
         """Load DINOv2 weights (official or timm layout) into the frozen backbone.
 
-        The position embedding is resampled to this model's patch grid (timm, bicubic).
+        The position embedding is interpolated to this model's patch grid exactly as
+        DINOv2 does it at run time (``dinov2_pos_embed``); timm then only renames keys.
 
         Raises:
             ModelError: a backbone tensor is missing or has the wrong shape.
         """
         state = {k.removeprefix('backbone.'): v for k, v in state.items()}
+        if 'pos_embed' in state:
+            state['pos_embed'] = dinov2_pos_embed(
+                state['pos_embed'],
+                self.patch_grid,
+                prefix_tokens=self._stored_prefix_tokens(state),
+                source=source,
+            )
         try:
-            # antialias=False is closest to DINOv2's own run-time pos-embed interpolation.
             state = checkpoint_filter_fn(dict(state), self.backbone, antialias=False)
         except Exception as err:
             raise ModelError(f'cannot convert backbone weights {source!r}: {err}') from err
@@ -236,6 +335,14 @@ class SelaVpr(VprModel):
         known = {k: state[k] for k in set(state) & set(target)}
         self.backbone.load_state_dict(known, strict=False)
         self.invalidate_identity()
+
+    def _stored_prefix_tokens(self, state: dict[str, torch.Tensor]) -> int:
+        """Position-embedding rows before the patch grid in a state dict: the class token's
+        in the official DINOv2 layout (with or without registers); in timm's layout, the
+        ones this timm model has (none for the register variants: ``no_embed_class``)."""
+        if 'mask_token' in state or 'register_tokens' in state:
+            return 1
+        return 0 if self.backbone.no_embed_class else int(self.backbone.num_prefix_tokens)
 
     @property
     def global_dim(self) -> int:
