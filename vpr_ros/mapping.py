@@ -19,8 +19,10 @@ from vpr_ros import logger
 from vpr_ros.bagio import count_messages, read_frames
 from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase, place_records
-from vpr_ros.errors import BagReadError, DatabaseError
+from vpr_ros.errors import BagReadError, ConfigError, DatabaseError
 from vpr_ros.keyframes import KeyframeConf, KeyframeSelector
+from vpr_ros.rerankers import RERANKERS, STORED_VERIFIERS
+from vpr_ros.rerankers.keypoints import keypoint_model
 from vpr_ros.retrieval import IndexConf
 from vpr_ros.sequence import SequenceConf, patch_normalised_descriptor
 from vpr_ros.types import Frame, SkipCounter
@@ -61,7 +63,50 @@ class BuildConf(Conf):
     sequence_patch: int = option(
         8, 'Sequence descriptors: side of the normalised patches', unit='px', min=1, cli=False
     )
+    verifiers: str = option(
+        '',
+        'Keypoint verifiers the map serves, comma-separated (empty: none); each stores its '
+        'keypoints (float32 pixels) and float16 descriptors per place: xfeat_lighterglue '
+        '12 + 136 N bytes a place, aliked_lightglue 12 + 264 N (N = verifier_keypoints); '
+        f'one or more of {", ".join(STORED_VERIFIERS)}',
+    )
+    verifier_keypoints: int = option(
+        512, 'Verifiers: keypoints stored per place (N), strongest first', min=1
+    )
+    verifier_image_side: int = option(
+        640,
+        'Verifiers: images whose longer side exceeds this are shrunk to it before keypoint '
+        'extraction (keypoints are stored in original pixels)',
+        unit='px',
+        min=32,
+    )
     index: IndexConf = nested(IndexConf)
+
+    def validate(self) -> None:
+        self.verifier_names()
+
+    def verifier_names(self) -> list[str]:
+        """The verifiers of ``verifiers``, in the given order, without repeats."""
+        names = [n.strip() for n in self.verifiers.split(',') if n.strip()]
+        unknown = [n for n in names if n not in STORED_VERIFIERS]
+        if unknown:
+            msg = (
+                f'verifiers names {unknown!r}, which store nothing or do not exist; known: '
+                f'{list(STORED_VERIFIERS)!r} (mnn and mnn_ransac use the local features)'
+            )
+            raise ConfigError(msg)
+        return list(dict.fromkeys(names))
+
+    def feature_stores(self) -> dict[str, dict[str, Any]]:
+        """The feature stores the verifiers read: store name -> its settings."""
+        return {
+            RERANKERS[name].store: {
+                'extractor': RERANKERS[name].store,
+                'max_keypoints': self.verifier_keypoints,
+                'max_image_side': self.verifier_image_side,
+            }
+            for name in self.verifier_names()
+        }
 
     def sequence_settings(self) -> dict[str, Any] | None:
         """What the map records of how its sequence descriptors are made (None: none)."""
@@ -127,11 +172,27 @@ class MapBuilder:
         self.extractor = Extractor(model, batch_size=self.conf.batch_size, num_threads=num_threads)
         if database is not None:
             database.check_model(model.identity(), what='the model building on it')
+            stores = database.feature_store_settings
+            asked = self.conf.feature_stores()
+            if asked and asked != stores:
+                msg = (
+                    f'the map has the feature stores {stores!r}, the settings ask for '
+                    f'{asked!r}; an appended map keeps its own: rebuild it instead'
+                )
+                raise DatabaseError(msg)
+        else:
+            stores = self.conf.feature_stores()
+        # The keypoint models of the map's feature stores (an appended map keeps its own).
+        self.keypoint_models = {name: keypoint_model(s) for name, s in stores.items()}
         self.database = database or PlaceDatabase.empty(
             model.identity(),
             with_local=self.conf.local_features,
             index_conf=self.conf.index,
             sequence_conf=self.conf.sequence_settings(),
+            feature_stores={
+                name: (keypoints.row_dtype(), keypoints.settings)
+                for name, keypoints in self.keypoint_models.items()
+            },
         )
         self.selector = KeyframeSelector.from_conf(self.conf.keyframes)
         self.traverse = self.database.next_traverse()
@@ -169,12 +230,17 @@ class MapBuilder:
             sequence = patch_normalised_descriptor(
                 [f.image for f in frames], tuple(settings['image_size']), int(settings['patch'])
             )
+        stores = {
+            name: keypoints.extract_rows([f.image for f in frames])
+            for name, keypoints in self.keypoint_models.items()
+        }
         self.database.add(
             descriptors.global_descriptors,
             rows,
             local,
             sequence,
             local_grid=descriptors.local_grid,
+            feature_stores=stores,
         )
 
     def record_enu_origin(self, enu_origin: Sequence[float] | None) -> None:
