@@ -101,8 +101,8 @@ def from_store_row(row: np.ndarray) -> Keypoints:
     count = int(row['count'])
     width, height = (int(v) for v in row['image_size'])
     return Keypoints(
-        np.asarray(row['keypoints'][:count], np.float32),
-        np.asarray(row['descriptors'][:count], np.float32),
+        np.array(row['keypoints'][:count], np.float32),
+        np.array(row['descriptors'][:count], np.float32),
         (width, height),
     )
 
