@@ -209,6 +209,59 @@ def bytes_per_place(database) -> dict[str, int]:
     return out
 
 
+def grid_sweep(grids: list[tuple[int, int]], dim: int, repeats: int) -> dict[str, dict]:
+    """MNN vs mnn_ransac time on the same candidates for local-feature grids of several sizes
+    (the default model's 8 x 10 up to SelaVPR's 61 x 61 at 224 px): synthetic unit features,
+    each candidate the query's shifted by a cell and perturbed, so that MNN finds real
+    matches for RANSAC to verify."""
+    from vpr_ros.database import PlaceDatabase, place_records
+    from vpr_ros.models.identity import ModelIdentity
+    from vpr_ros.rerankers.mnn import MnnReranker
+    from vpr_ros.rerankers.mnn_ransac import MnnRansacReranker
+    from vpr_ros.types import Frame
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for grid in grids:
+        length = grid[0] * grid[1]
+        query = rng.standard_normal((length, dim)).astype(np.float32)
+        query /= np.linalg.norm(query, axis=1, keepdims=True)
+        places = []
+        for _ in range(100):
+            shifted = np.roll(query.reshape(grid[0], grid[1], dim), 1, axis=1).reshape(length, dim)
+            noisy = shifted + rng.normal(0, 0.08, shifted.shape)
+            places.append(noisy / np.linalg.norm(noisy, axis=1, keepdims=True))
+        local = np.stack(places).astype(np.float16)
+        identity = ModelIdentity('synthetic', '0', '0', global_dim=4, local_dim=dim)
+        frames = [Frame(np.zeros((1, 1, 3), np.uint8), i) for i in range(100)]
+        database = PlaceDatabase(
+            identity,
+            np.eye(100, 4, dtype=np.float32),
+            place_records(frames),
+            local,
+            local_grid=grid,
+        )
+        rerankers = {'mnn': MnnReranker(database), 'mnn_ransac': MnnRansacReranker(database)}
+        row: dict[str, float] = {}
+        for k in (10, 100):
+            for name, reranker in rerankers.items():
+                times = []
+                for _ in range(repeats + 1):
+                    started = time.perf_counter()
+                    reranker.rerank(query, np.arange(k))
+                    times.append(time.perf_counter() - started)
+                row[f'{name}_ms_top{k}'] = 1e3 * float(np.median(times[1:]))
+            row[f'ratio_top{k}'] = row[f'mnn_ms_top{k}'] / row[f'mnn_ransac_ms_top{k}']
+        out[f'{grid[0]}x{grid[1]}x{dim}'] = row
+        print(
+            f'grid {grid[0]:>2}x{grid[1]:<2} ({length:>4} locations, {dim}-d): MNN / mnn_ransac '
+            f'time {row["ratio_top10"]:.3f} at top-10 ({row["mnn_ms_top10"]:.1f} / '
+            f'{row["mnn_ransac_ms_top10"]:.1f} ms), {row["ratio_top100"]:.3f} at top-100 '
+            f'({row["mnn_ms_top100"]:.1f} / {row["mnn_ransac_ms_top100"]:.1f} ms)'
+        )
+    return out
+
+
 def default_pipeline_ms(model, database, image: np.ndarray, repeats: int) -> dict[str, float]:
     """Median milliseconds the re-ranking stages add per 640 x 480 query at top-10, for the
     default settings and each cascade."""
@@ -243,8 +296,14 @@ def main() -> None:
     parser.add_argument('--nordland-queries', type=int, default=300, help='0: all 3,576')
     parser.add_argument('--timing-queries', type=int, default=3, help='queries timed per set')
     parser.add_argument(
+        '--grid-sweep',
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='also time MNN vs mnn_ransac on synthetic grids up to SelaVPR size',
+    )
+    parser.add_argument(
         '--sets',
-        nargs='+',
+        nargs='*',
         default=['gardens_pairs', 'gardens_triplets', 'campus', 'nordland64', 'generated'],
     )
     parser.add_argument('--out', type=Path, help='JSON file for every number')
@@ -304,7 +363,11 @@ def main() -> None:
     if database is not None:
         image = cv2.resize(load_image(makers_first_image(args.data)), (640, 480))
         report['added_ms_640x480_top10'] = default_pipeline_ms(model, database, image, 5)
-    print_summary(report)
+    if args.grid_sweep:
+        print('\n## MNN vs mnn_ransac time by grid size (synthetic features)')
+        report['grid_sweep'] = grid_sweep([(8, 10), (16, 16), (32, 32), (61, 61)], 128, 3)
+    if report['sets']:
+        print_summary(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
