@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -308,6 +309,7 @@ def main() -> None:
     )
     parser.add_argument('--out', type=Path, help='JSON file for every number')
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each set's table as soon as it is done
     set_num_threads(args.threads)
     model = load_model(DEFAULT_MODEL)
     confs = method_confs(args.rerank_k)
