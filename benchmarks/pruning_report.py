@@ -91,7 +91,7 @@ from vpr_ros.profiling import (
 )
 from vpr_ros.pruning import IMPORTANCES, PruneConf, PruneStep, prune_with_recovery
 from vpr_ros.relocalization import RelocalizationConf
-from vpr_ros.rerank import mnn_scores
+from vpr_ros.rerankers.mnn import mnn_scores
 
 NORDLAND_TOLERANCE = 2
 RECOVERIES = ('none', 'bn', 'distill', 'finetune')

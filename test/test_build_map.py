@@ -238,3 +238,18 @@ def test_a_negated_switch_in_a_parameters_file_means_what_it_says(tmp_path: Path
     argv = ['--params', str(params), '--bag', 'x', '--image-topic', 'i', '--out', 'y']
     args = parse_with_params_file(make_parser(), argv, 'build_map')
     assert args.local_features is False and args.sequence_descriptors is False
+
+
+def test_cli_stores_the_keypoints_of_the_verifiers_it_is_asked_for(tmp_path: Path, capsys) -> None:
+    bag = write_bag(tmp_path / 'bag', route_frames(4), storage='mcap')
+    argv = ['--bag', str(bag), '--image-topic', '/camera/image_raw', '--pose-topic', '/odom']
+    argv += ['--out', str(tmp_path / 'map'), '--no-progress']
+    argv += ['--verifiers', 'xfeat_lighterglue', '--verifier-keypoints', '16']
+    assert build_map_main(argv) == 0, capsys.readouterr().err
+    database = PlaceDatabase.load(tmp_path / 'map')
+    assert set(database.feature_stores) == {'xfeat'}
+    assert database.feature_store_settings['xfeat']['max_keypoints'] == 16
+    assert len(database.feature_stores['xfeat']) == len(database)
+    bad = [*argv[:-4], '--verifiers', 'superglue']
+    assert build_map_main(bad) == 1
+    assert "verifiers names ['superglue']" in capsys.readouterr().err

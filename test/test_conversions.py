@@ -25,7 +25,7 @@ from vpr_ros.nodes.conversions import (  # noqa: E402
     pose_to_msg,
     pose_with_covariance,
 )
-from vpr_ros.types import Hypothesis, Pose  # noqa: E402
+from vpr_ros.types import Hypothesis, Pose, RelativePose  # noqa: E402
 
 FIELDS = [
     'x',
@@ -39,6 +39,16 @@ FIELDS = [
     'global_score',
     'rerank_score',
     'confidence',
+    'inliers',
+    'rel_x',
+    'rel_y',
+    'rel_z',
+    'rel_qx',
+    'rel_qy',
+    'rel_qz',
+    'rel_qw',
+    'rel_inliers',
+    'rel_metric',
 ]
 
 
@@ -50,7 +60,16 @@ def header(sec: int = 12, nanosec: int = 345, frame_id: str = 'map') -> Header:
 
 def hypotheses() -> list[Hypothesis]:
     return [
-        Hypothesis(4, 40, 0.91, 0.62, 0.55, Pose(123456.25, -7.5, 0.5, 0.0, 0.0, 0.6, 0.8)),
+        Hypothesis(
+            4,
+            40,
+            0.91,
+            0.62,
+            0.55,
+            Pose(123456.25, -7.5, 0.5, 0.0, 0.0, 0.6, 0.8),
+            inliers=57,
+            relative_pose=RelativePose(Pose(0.5, 0.0, -1.25, 0.0, 0.6, 0.0, 0.8), True, 41),
+        ),
         Hypothesis(1, 10, 0.85, 0.31, 0.0, Pose(1.0, 2.0, 3.0)),
         Hypothesis(7, 70, 0.80, float('nan'), 0.0, None),
     ]
@@ -69,6 +88,8 @@ def assert_same_hypotheses(got: list[Hypothesis], expected: list[Hypothesis]) ->
             assert a.pose is None
         else:
             np.testing.assert_allclose(a.pose.as_array(), b.pose.as_array())  # float64: exact
+        assert a.inliers == b.inliers
+        assert a.relative_pose == b.relative_pose  # float64 and integers: exact
 
 
 def test_hypothesis_table_has_the_documented_fields_in_order() -> None:
@@ -77,7 +98,10 @@ def test_hypothesis_table_has_the_documented_fields_in_order() -> None:
     types = {f.name: f.datatype for f in msg.fields}
     assert {types[name] for name in FIELDS[:7]} == {PointField.FLOAT64}
     assert types['place_id'] == PointField.INT32
-    assert {types[n] for n in FIELDS[8:]} == {PointField.FLOAT32}
+    assert {types[n] for n in FIELDS[8:11]} == {PointField.FLOAT32}
+    assert types['inliers'] == types['rel_inliers'] == PointField.INT32
+    assert {types[n] for n in FIELDS[12:19]} == {PointField.FLOAT64}
+    assert types['rel_metric'] == PointField.UINT8
     assert all(f.count == 1 for f in msg.fields)
     assert (msg.height, msg.width, msg.point_step) == (1, 3, HYPOTHESIS_DTYPE.itemsize)
     assert msg.row_step == 3 * msg.point_step == len(msg.data)

@@ -236,3 +236,88 @@ def test_a_map_grown_place_by_place_stores_the_configured_approximate_index(
     database.save(tmp_path / 'map')
     loaded = PlaceDatabase.load(tmp_path / 'map')
     assert 'IVF' in type(loaded.index.faiss_index).__name__
+
+
+# -- extra per-place feature stores ---------------------------------------------------------
+
+STORE_DTYPE = np.dtype([('count', '<i4'), ('keypoints', '<f4', (3, 2)), ('desc', '<f2', (3, 4))])
+STORE_SETTINGS = {'extractor': 'test', 'max_keypoints': 3}
+
+
+def store_rows(count: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = np.zeros(count, STORE_DTYPE)
+    rows['count'] = rng.integers(0, 4, count)
+    rows['keypoints'] = rng.uniform(0, 100, (count, 3, 2))
+    rows['desc'] = rng.standard_normal((count, 3, 4))
+    return rows
+
+
+def map_with_store(count: int = 5, seed: int = 0) -> PlaceDatabase:
+    base = random_map(count, seed)
+    database = PlaceDatabase.empty(IDENTITY, feature_stores={'kp': (STORE_DTYPE, STORE_SETTINGS)})
+    database.add(
+        base.global_descriptors,
+        base.places,
+        base.local_features,
+        feature_stores={'kp': store_rows(count, seed)},
+    )
+    return database
+
+
+def test_feature_stores_survive_save_and_load_with_their_manifest_entry(tmp_path: Path) -> None:
+    database = map_with_store()
+    database.save(tmp_path / 'map')
+    manifest = json.loads((current_generation(tmp_path / 'map') / MANIFEST).read_text())
+    entry = manifest['feature_stores']['kp']
+    assert entry['shape'] == [5] and entry['bytes_per_place'] == STORE_DTYPE.itemsize
+    assert entry['settings'] == STORE_SETTINGS and 'store_kp.npy' in manifest['files']
+    loaded = PlaceDatabase.load(tmp_path / 'map')
+    # Served from memory like every other array, so rewriting the files cannot hurt it.
+    assert not isinstance(loaded.feature_stores['kp'], np.memmap)
+    np.testing.assert_array_equal(loaded.feature_stores['kp'], database.feature_stores['kp'])
+    assert loaded.feature_store_settings == {'kp': STORE_SETTINGS}
+
+
+def test_a_map_without_feature_stores_loads_with_none(tmp_path: Path) -> None:
+    random_map().save(tmp_path / 'map')
+    loaded = PlaceDatabase.load(tmp_path / 'map')
+    assert loaded.feature_stores == {} and loaded.feature_store_settings == {}
+
+
+def test_adding_places_without_the_maps_stores_is_refused_and_changes_nothing() -> None:
+    database = map_with_store()
+    more = random_map(2, seed=1)
+    places = more.places.copy()
+    places['place_id'] += database.next_place_id()
+    with pytest.raises(DatabaseError, match='add exactly the stores the map has'):
+        database.add(more.global_descriptors, places, more.local_features)
+    wrong = np.zeros(2, np.dtype([('count', '<i4')]))
+    with pytest.raises(DatabaseError, match="feature store 'kp' rows of"):
+        database.add(
+            more.global_descriptors,
+            places,
+            more.local_features,
+            feature_stores={'kp': wrong},
+        )
+    assert len(database) == 5 and len(database.feature_stores['kp']) == 5
+    assert database.index.ntotal == 5
+
+
+def test_extending_a_map_joins_its_stores_and_refuses_other_settings() -> None:
+    database, other = map_with_store(5), map_with_store(3, seed=2)
+    database.extend(other)
+    assert len(database.feature_stores['kp']) == 8
+    np.testing.assert_array_equal(database.feature_stores['kp'][5:], other.feature_stores['kp'])
+    with pytest.raises(DatabaseError, match='build both with the same verifiers'):
+        database.extend(random_map(2, seed=3))
+
+
+def test_a_store_that_does_not_match_its_manifest_entry_is_rejected(tmp_path: Path) -> None:
+    map_with_store().save(tmp_path / 'map')
+    manifest_path = current_generation(tmp_path / 'map') / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest['feature_stores']['kp']['shape'] = [6]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DatabaseError, match="feature store 'kp' is"):
+        PlaceDatabase.load(tmp_path / 'map')

@@ -611,3 +611,32 @@ def test_importing_the_evaluate_command_leaves_torch_for_the_run() -> None:
         [sys.executable, '-c', code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == '[]'
+
+
+def test_evaluate_cli_refuses_a_reranker_the_map_cannot_serve_before_the_model_loads(
+    dataset: Path, tmp_path: Path, default_model, capsys: pytest.CaptureFixture
+) -> None:
+    db_paths = list_images(dataset / 'utm/db')
+    positions = np.array([parse_utm(p) for p in db_paths])
+    database = build_reference_database(default_model, db_paths, positions=positions)
+    database.save(tmp_path / 'map')
+    folders = ['--queries', str(dataset / 'utm/queries'), '--gt', 'utm']
+    code = evaluate_main(
+        ['--map', str(tmp_path / 'map'), *folders, '--reranker', 'xfeat_lighterglue']
+    )
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "re-ranker 'xfeat_lighterglue' needs the keypoints" in error
+    assert 'build_map ... --verifiers xfeat_lighterglue' in error
+
+
+def test_evaluate_cli_runs_a_keypoint_verifier_on_reference_images(
+    dataset: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folders = ['--db-images', str(dataset / 'aligned/db'), '--queries']
+    folders += [str(dataset / 'aligned/queries'), '--gt', 'aligned', '--no-progress']
+    code = evaluate_main([*folders, '--reranker', 'xfeat_lighterglue', '--rerank-k', '3'])
+    assert code == 0
+    table = capsys.readouterr().out
+    reranked_row = next(line for line in table.splitlines() if line.startswith('reranked'))
+    assert reranked_row.split()[1] == '100.0'  # R@1

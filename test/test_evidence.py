@@ -8,7 +8,7 @@ from vpr_ros.database import PLACE_DTYPE, PlaceDatabase
 from vpr_ros.evidence import Observation, SingleFrameEvidence, confidences, make_hypotheses
 from vpr_ros.models.identity import ModelIdentity
 from vpr_ros.relocalization import RelocalizationConf
-from vpr_ros.rerank import mnn_scores
+from vpr_ros.rerankers.mnn import mnn_scores
 
 
 def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:

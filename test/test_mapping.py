@@ -9,7 +9,7 @@ import pytest
 from conftest import synthetic_place
 
 from vpr_ros.database import PlaceDatabase
-from vpr_ros.errors import ConfigError
+from vpr_ros.errors import ConfigError, DatabaseError
 from vpr_ros.mapping import BuildConf, MapBuilder
 from vpr_ros.types import Frame, Pose
 
@@ -68,3 +68,28 @@ def test_sequence_descriptors_follow_the_build_settings(default_model) -> None:
     assert builder.database.sequence_conf == {'image_size': [32, 16], 'patch': 4}
     assert builder.database.sequence_descriptors.shape == (1, 512)
     assert np.isfinite(builder.database.sequence_descriptors).all()
+
+
+def test_verifier_keypoints_are_stored_per_place_and_recorded_in_the_manifest(
+    tmp_path: Path, default_model
+) -> None:
+    conf = {'verifiers': 'xfeat_lighterglue', 'verifier_keypoints': 32}
+    builder = MapBuilder(default_model, conf)
+    for frame in frames(3):
+        builder.offer(frame)
+    path = builder.save(tmp_path / 'map')
+    loaded = PlaceDatabase.load(path)
+    rows = loaded.feature_stores['xfeat']
+    assert len(rows) == 3 and (rows['count'] > 0).all()
+    assert (rows['image_size'] == [80, 60]).all()
+    entry = PlaceDatabase.read_manifest(path)['feature_stores']['xfeat']
+    assert entry['bytes_per_place'] == 12 + 32 * (8 + 2 * 64)
+    assert entry['settings'] == {'extractor': 'xfeat', 'max_keypoints': 32, 'max_image_side': 640}
+
+
+def test_unknown_verifiers_and_a_changed_store_on_append_are_refused(default_model) -> None:
+    with pytest.raises(ConfigError, match=r"verifiers names \['mnn_ransac'\]"):
+        BuildConf.from_dict({'verifiers': 'mnn_ransac'})
+    plain = MapBuilder(default_model).database
+    with pytest.raises(DatabaseError, match='an appended map keeps its own'):
+        MapBuilder(default_model, {'verifiers': 'xfeat_lighterglue'}, database=plain)

@@ -113,3 +113,29 @@ def test_one_place_without_a_pose_does_not_hide_the_others_poses(default_model, 
         assert result.best.pose == Pose(45.0, 0.0, 0.0)
         unknown = relocalizer.relocalize(viewed_again(synthetic_place(0, SIZE)))
         assert all(h.pose is None for h in unknown.hypotheses if h.place_index == 0)
+
+
+def test_a_verifier_re_scores_the_best_re_ranked_places_and_publishes_them(
+    default_model, route_map
+) -> None:
+    query = viewed_again(synthetic_place(7, SIZE))
+    plain = Relocalizer(default_model, route_map, {'top_k': 8, 'rerank_k': 6}).relocalize(query)
+    conf = {'top_k': 8, 'rerank_k': 6, 'verifier': 'mnn_ransac', 'verify_k': 2}
+    result = Relocalizer(default_model, route_map, conf).relocalize(query)
+    assert len(result.hypotheses) == 2 and result.best.place_index == 7
+    assert all(h.inliers >= 0 for h in result.hypotheses)
+    assert result.best.inliers > result.hypotheses[1].inliers
+    # The verified places are the best two by MNN; the rest follow in MNN order.
+    mnn_order = [h.place_index for h in plain.hypotheses]
+    assert {h.place_index for h in result.hypotheses} == set(mnn_order[:2])
+    assert result.candidates[:6].tolist() == mnn_order
+    assert {'rerank', 'verify'} <= set(result.timings)
+
+
+def test_verifier_settings_and_maps_are_checked_before_any_network_loads(
+    default_model, route_map
+) -> None:
+    with pytest.raises(ConfigError, match=r'verify_k must be in 1..rerank_k \(4\)'):
+        Relocalizer(default_model, route_map, {'rerank_k': 4, 'verifier': 'mnn', 'verify_k': 5})
+    with pytest.raises(DatabaseError, match='--verifiers aliked_lightglue'):
+        Relocalizer(default_model, route_map, {'verifier': 'aliked_lightglue'})

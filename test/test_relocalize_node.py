@@ -27,6 +27,7 @@ from vpr_ros.database import PlaceDatabase, current_generation, place_records
 from vpr_ros.errors import ConfigError, DatabaseError
 from vpr_ros.extraction import Extractor
 from vpr_ros.images import rgb_to_compressed_bytes, rgb_to_image_fields
+from vpr_ros.mapping import MapBuilder
 from vpr_ros.models.base import ModelIdentity
 from vpr_ros.types import Frame, Pose
 
@@ -37,7 +38,7 @@ from rcl_interfaces.srv import ListParameters  # noqa: E402
 from rclpy.exceptions import ParameterException  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from sensor_msgs.msg import CompressedImage, Image, PointCloud2  # noqa: E402
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
 from std_srvs.srv import SetBool, Trigger  # noqa: E402
 
 from vpr_ros.nodes.conversions import (  # noqa: E402
@@ -524,6 +525,54 @@ def test_sequence_mode_follows_a_camera_along_the_map(maps: dict) -> None:
         assert harness.values()['mode'] == 'sequence'
 
 
+def camera_info(width: int = 160, height: int = 120) -> CameraInfo:
+    msg = CameraInfo(width=width, height=height)
+    msg.k = [200.0, 0.0, width / 2, 0.0, 200.0, height / 2, 0.0, 0.0, 1.0]
+    return msg
+
+
+def test_the_reranker_parameter_selects_a_keypoint_verifier_end_to_end(
+    tmp_path: Path, default_model
+) -> None:
+    """A map built with XFeat keypoints, a node whose reranker is xfeat_lighterglue and which
+    knows the raw camera's intrinsics: verified hypotheses with inliers and relative poses."""
+    conf = {'min_distance_m': 0.0, 'verifiers': 'xfeat_lighterglue', 'verifier_keypoints': 96}
+    builder = MapBuilder(default_model, conf)
+    for i in range(PLACES):
+        frame = Frame(synthetic_place(i), i * 10**9, pose=place_pose(i), pose_frame_id='test_map')
+        assert builder.offer(frame)
+    builder.save(tmp_path / 'map')
+    params = {
+        **PARAMS,
+        'map_dir': str(tmp_path / 'map'),
+        'reranker': 'xfeat_lighterglue',
+        'camera_info_topics': ['cam/raw_info', ''],
+    }
+    with node_in_this_process(params) as harness:
+        info = harness.node.create_publisher(CameraInfo, 'cam/raw_info', 10)
+        assert harness.spin_until(lambda: info.get_subscription_count() > 0, 30)
+        info.publish(camera_info())
+        harness.spin_for(0.3)
+        warped = cv2.warpPerspective(
+            synthetic_place(5),
+            np.array([[0.97, 0.03, 5.0], [-0.02, 0.98, 3.0], [2e-4, 1e-4, 1.0]]),
+            (160, 120),
+        )
+        stamp = next_stamp()
+        cloud = harness.ask(harness.raw, raw_msg(warped, stamp))
+        hypotheses = hypotheses_from_cloud(cloud)
+        assert hypotheses[0].place_id == 5 and hypotheses[0].inliers > 10
+        assert all(h.inliers >= 0 for h in hypotheses)
+        assert hypotheses[0].inliers > max(h.inliers for h in hypotheses[1:])
+        assert hypotheses[0].relative_pose is not None
+        assert hypotheses[0].relative_pose.inliers >= 15
+        # The compressed camera has no intrinsics: verified, but no relative pose.
+        stamp = next_stamp()
+        cloud = harness.ask(harness.compressed, compressed_msg(warped, stamp, 'png'))
+        hypotheses = hypotheses_from_cloud(cloud)
+        assert hypotheses[0].place_id == 5 and hypotheses[0].relative_pose is None
+
+
 def fake_model_map(directory: Path, model, name: str | None = None) -> None:
     """A map that claims other weights than ``model``'s, and the name ``name`` (or its)."""
     real = model.identity()
@@ -556,6 +605,7 @@ def test_start_up_on_a_missing_map_exits_with_code_1_and_a_clear_message(tmp_pat
         ('unregistered_model', ConfigError, 'set the parameter model to its exported model'),
         ('no_map_dir', ConfigError, 'map_dir is empty'),
         ('integer_for_a_double', ParameterException, "'max_rate_hz'.*expecting type 'DOUBLE'"),
+        ('no_verifier_data', DatabaseError, 'build_map ... --verifiers aliked_lightglue'),
     ],
 )
 def test_node_construction_fails_clearly_on_a_bad_map_or_parameters(
@@ -575,6 +625,8 @@ def test_node_construction_fails_clearly_on_a_bad_map_or_parameters(
         params['map_dir'] = str(tmp_path / 'exported')
     elif case == 'no_map_dir':
         params['map_dir'] = ''
+    elif case == 'no_verifier_data':
+        params['reranker'] = 'aliked_lightglue'
     else:
         params['max_rate_hz'] = 10  # rclpy refuses 10 for a double; main exits with code 1
     context = rclpy.Context()
@@ -595,6 +647,8 @@ def test_node_construction_fails_clearly_on_a_bad_map_or_parameters(
         ({'camera_topics': []}, 'at least one topic'),
         ({'camera_topics': ['a', 'a']}, 'lists a topic twice'),
         ({'camera_qos': 'fast'}, "camera_qos must be one of ['sensor_data', 'reliable']"),
+        ({'camera_info_topics': ['a', 'b', 'c']}, 'has 3 values for 2 camera topics'),
+        ({'verifier': 'mnn', 'verify_k': 5}, 'verify_k must be in 1..rerank_k (4)'),
         ({'top_k': 0}, 'top_k must be >= 1'),
         ({'rerank_k': 9}, 'rerank_k must be in 0..top_k (5)'),
         ({'confidence_threshold': 1.5}, 'confidence_threshold must be in [0, 1]'),

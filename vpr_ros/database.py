@@ -12,6 +12,10 @@ On disk a map is a directory of immutable *generations* and a pointer to the cur
       sequence_descriptors.npy (N, S) float16 cheap image descriptors for sequence
                                matching (optional; see vpr_ros.sequence)
       index.faiss              retrieval index over the global descriptors (vpr_ros.retrieval)
+      store_<name>.npy         extra per-place feature stores (optional), one row per place,
+                               e.g. the keypoints and descriptors a verifying re-ranker
+                               reads (vpr_ros.rerankers); the manifest records each store's
+                               shape, dtype, bytes per place and the settings it was made with
 
 Everything is plain numpy (``allow_pickle=False``), JSON and faiss, so a map reads
 without torch. ``manifest.json`` is written last and lists every file's size and
@@ -71,6 +75,7 @@ KEEP_GENERATIONS = 2
 ``CURRENT`` just before a swap)."""
 MAX_MANIFEST_BYTES = 16 << 20
 """A manifest larger than this is not one of ours (maps of millions of places stay far below)."""
+STORE_FILE = 'store_{}.npy'
 
 # One row per place. Poses are in ``frame_id`` (the map frame); ``traverse`` numbers the
 # source sequences, and places of one traverse are stored in keyframe order, which gives
@@ -122,6 +127,16 @@ def _concatenate(existing: np.ndarray, new: np.ndarray, what: str) -> np.ndarray
         msg = f'{what} of shape {new.shape[1:]!r} cannot join a map with {existing.shape[1:]!r}'
         raise DatabaseError(msg)
     return np.concatenate([existing, new])
+
+
+def store_entry(array: np.ndarray, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest entry of a feature store: file, shape, dtype, bytes per place, settings."""
+    return {
+        'shape': list(array.shape),
+        'dtype': str(array.dtype),
+        'bytes_per_place': int(array.dtype.itemsize * np.prod(array.shape[1:], dtype=np.int64)),
+        'settings': dict(settings),
+    }
 
 
 def check_same_model(map_model: ModelIdentity, model: ModelIdentity, *, what: str) -> None:
@@ -579,6 +594,9 @@ class PlaceDatabase:
         sequence_conf: how they were made (``image_size``, ``patch``).
         enu_origin: (lat, lon, alt) of the ENU frame of NavSatFix poses, or None.
         local_grid: (h, w) of the local feature maps (L = h * w), when known.
+        feature_stores: extra per-place arrays by name (one row per place), e.g. what a
+            verifying re-ranker reads; each name needs its ``feature_store_settings``.
+        feature_store_settings: by store name, how the store was made (JSON values).
     """
 
     def __init__(
@@ -594,6 +612,8 @@ class PlaceDatabase:
         sequence_conf: Mapping[str, Any] | None = None,
         enu_origin: Sequence[float] | None = None,
         local_grid: Sequence[int] | None = None,
+        feature_stores: Mapping[str, np.ndarray] | None = None,
+        feature_store_settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         if global_descriptors.ndim != 2 or global_descriptors.shape[1] != model.global_dim:
             msg = (
@@ -612,6 +632,21 @@ class PlaceDatabase:
         if sequence_descriptors is not None and len(sequence_descriptors) != len(places):
             msg = f'{len(sequence_descriptors)} sequence descriptors for {len(places)} places'
             raise DatabaseError(msg)
+        stores = dict(feature_stores or {})
+        store_settings = {k: dict(v) for k, v in (feature_store_settings or {}).items()}
+        if set(stores) != set(store_settings):
+            msg = (
+                f'feature stores {sorted(stores)!r} and their settings '
+                f'{sorted(store_settings)!r} must name the same stores'
+            )
+            raise DatabaseError(msg)
+        for name, array in stores.items():
+            if not name.isidentifier() or len(array) != len(places):
+                msg = f'feature store {name!r} has {len(array)} rows for {len(places)} places'
+                raise DatabaseError(msg)
+        # Extra per-place arrays by name, and how each was made (see the module docstring).
+        self.feature_stores = stores
+        self.feature_store_settings = store_settings
         self.model = model
         # (lat, lon, alt) of the local ENU frame the poses are in, when they came from
         # NavSatFix; None for odometry/map-frame poses.
@@ -641,10 +676,13 @@ class PlaceDatabase:
         with_local: bool = True,
         index_conf: IndexConf | Mapping[str, Any] | None = None,
         sequence_conf: Mapping[str, Any] | None = None,
+        feature_stores: Mapping[str, tuple[np.dtype, Mapping[str, Any]]] | None = None,
     ) -> PlaceDatabase:
         """A map with no places yet, for ``add``; with ``sequence_conf``, places also
-        carry sequence descriptors made with those settings."""
+        carry sequence descriptors made with those settings; ``feature_stores`` names the
+        extra per-place stores, each as (row dtype, settings)."""
         local = np.zeros((0, 0, model.local_dim), np.float16) if with_local else None
+        stores = dict(feature_stores or {})
         return cls(
             model,
             np.zeros((0, model.global_dim), np.float32),
@@ -653,6 +691,8 @@ class PlaceDatabase:
             index_conf=index_conf,
             sequence_descriptors=np.zeros((0, 0), np.float16) if sequence_conf else None,
             sequence_conf=sequence_conf,
+            feature_stores={name: np.zeros(0, dtype) for name, (dtype, _) in stores.items()},
+            feature_store_settings={name: settings for name, (_, settings) in stores.items()},
         )
 
     def __len__(self) -> int:
@@ -687,8 +727,10 @@ class PlaceDatabase:
         sequence_descriptors: np.ndarray | None = None,
         *,
         local_grid: Sequence[int] | None = None,
+        feature_stores: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Append places (descriptors from the same model as the map)."""
+        """Append places (descriptors from the same model as the map); ``feature_stores``
+        holds a row per new place for each of the map's feature stores."""
         if global_descriptors.shape[1:] != (self.model.global_dim,):
             msg = (
                 f'descriptors of dimension {global_descriptors.shape[1:]!r} cannot join a map '
@@ -702,6 +744,14 @@ class PlaceDatabase:
         places = places.astype(PLACE_DTYPE, copy=True)
         counts = {len(global_descriptors), len(places)}
         counts |= {len(a) for a in (local_features, sequence_descriptors) if a is not None}
+        new_stores = dict(feature_stores or {})
+        if set(new_stores) != set(self.feature_stores):
+            msg = (
+                f'adding places with feature stores {sorted(new_stores)!r} to a map with '
+                f'{sorted(self.feature_stores)!r}; add exactly the stores the map has'
+            )
+            raise DatabaseError(msg)
+        counts |= {len(a) for a in new_stores.values()}
         if len(counts) != 1:
             raise DatabaseError(f'adding places with mismatched row counts {sorted(counts)!r}')
         if len(np.intersect1d(places['place_id'], self.places['place_id'])):
@@ -730,11 +780,22 @@ class PlaceDatabase:
             sequence = _concatenate(
                 sequence, np.asarray(sequence_descriptors, np.float16), 'sequence descriptors'
             )
+        stores = {}
+        for name, rows in new_stores.items():
+            existing = self.feature_stores[name]
+            if rows.dtype != existing.dtype or rows.shape[1:] != existing.shape[1:]:
+                msg = (
+                    f'feature store {name!r} rows of {rows.dtype} {rows.shape[1:]!r} cannot '
+                    f'join a map whose rows are {existing.dtype} {existing.shape[1:]!r}'
+                )
+                raise DatabaseError(msg)
+            stores[name] = np.concatenate([existing, rows])
         self.global_descriptors = np.concatenate(
             [self.global_descriptors, np.asarray(global_descriptors, np.float32)]
         )
         self.places = np.concatenate([self.places, places])
         self.local_features, self.sequence_descriptors = local, sequence
+        self.feature_stores.update(stores)
         if local_features is not None and local_grid:
             self.local_grid = tuple(int(v) for v in local_grid)
         self.index.add(np.ascontiguousarray(global_descriptors, np.float32))
@@ -762,6 +823,12 @@ class PlaceDatabase:
                 f'{self.sequence_conf!r}; build both with the same settings'
             )
             raise DatabaseError(msg)
+        if self.feature_store_settings != other.feature_store_settings:
+            msg = (
+                f'the appended map has feature stores {other.feature_store_settings!r}, this '
+                f'map {self.feature_store_settings!r}; build both with the same verifiers'
+            )
+            raise DatabaseError(msg)
         places = other.places.copy()
         places['place_id'] = places['place_id'] - places['place_id'].min() + self.next_place_id()
         places['traverse'] += self.next_traverse()
@@ -771,6 +838,7 @@ class PlaceDatabase:
             other.local_features,
             other.sequence_descriptors,
             local_grid=other.local_grid,
+            feature_stores=other.feature_stores,
         )
 
     # -- retrieval ----------------------------------------------------------------------
@@ -852,6 +920,8 @@ class PlaceDatabase:
             files[LOCAL_FILE] = np.asarray(self.local_features, np.float16)
         if self.sequence_descriptors is not None:
             files[SEQUENCE_FILE] = np.asarray(self.sequence_descriptors, np.float16)
+        for store, array in self.feature_stores.items():
+            files[STORE_FILE.format(store)] = array
         for name, array in files.items():
             _step(f'write {name}')
             with (directory / name).open('wb') as stream:
@@ -883,6 +953,10 @@ class PlaceDatabase:
             'local': local,
             'sequence': self.sequence_conf,
             'enu_origin': list(self.enu_origin) if self.enu_origin else None,
+            'feature_stores': {
+                store: store_entry(array, self.feature_store_settings[store])
+                for store, array in self.feature_stores.items()
+            },
             'index': self.index_conf.to_dict(),
             'files': {
                 name: {
@@ -975,6 +1049,8 @@ class PlaceDatabase:
         expected_files = {PLACES_FILE, GLOBAL_FILE, *index_class.files()}
         expected_files |= {LOCAL_FILE} if manifest['local'] else set()
         expected_files |= {SEQUENCE_FILE} if manifest['sequence'] else set()
+        store_entries: dict[str, Any] = manifest.get('feature_stores') or {}
+        expected_files |= {STORE_FILE.format(store) for store in store_entries}
         if set(manifest['files']) != expected_files:
             msg = (
                 f'map {str(path)!r} lists files {sorted(manifest["files"])!r}, expected '
@@ -995,6 +1071,7 @@ class PlaceDatabase:
                 arrays[name] = _npy_from_bytes(_read_checked(file, info, verify_checksums), file)
         for name in index_class.files():  # read by the index engine: checked on disk first
             _check_on_disk(path / name, manifest['files'][name], verify_checksums)
+        stores = {store: arrays[STORE_FILE.format(store)] for store in store_entries}
         try:
             index = index_class.read(path, index_conf)
         except (ValueError, OSError, RuntimeError) as err:
@@ -1026,6 +1103,15 @@ class PlaceDatabase:
             raise DatabaseError(f'map {str(path)!r}: local features do not match the manifest')
         if sequence is not None and len(sequence) != count:
             raise DatabaseError(f'map {str(path)!r}: sequence descriptors do not match the places')
+        for store, array in stores.items():
+            entry = store_entries[store]
+            if list(array.shape) != entry['shape'] or str(array.dtype) != entry['dtype']:
+                msg = (
+                    f'map {str(path)!r}: feature store {store!r} is {array.dtype} '
+                    f'{array.shape!r}, the manifest says {entry["dtype"]} {entry["shape"]!r}; '
+                    'rebuild the map'
+                )
+                raise DatabaseError(msg)
         return cls(
             model,
             global_descriptors,
@@ -1037,6 +1123,8 @@ class PlaceDatabase:
             sequence_conf=manifest.get('sequence'),
             enu_origin=manifest.get('enu_origin'),
             local_grid=(manifest['local'] or {}).get('grid'),
+            feature_stores=stores,
+            feature_store_settings={s: e['settings'] for s, e in store_entries.items()},
         )
 
     @staticmethod

@@ -24,7 +24,7 @@ re-ranking when ``rerank_k`` is 0); ``method_confs`` resolves names, ``evaluate`
 names or a ready ``{name: RelocalizationConf}``, and ``evaluate --methods`` offers every
 name. Anything the pipeline runs can be evaluated this way:
 
-* another re-ranker: register it in ``vpr_ros.rerank.RERANKERS``, then
+* another re-ranker: register it in ``vpr_ros.rerankers.RERANKERS``, then
   ``METHODS['reranked-x'] = lambda conf: conf.replace(reranker='x')`` (or simply run
   ``evaluate --reranker x``);
 * another mode, e.g. a filter over places: register its evidence in
@@ -70,7 +70,7 @@ SEQUENCE = 'sequence'
 
 def _retrieval(conf: RelocalizationConf) -> RelocalizationConf:
     """Single frames ranked by global similarity alone."""
-    return conf.replace(mode='single', rerank_k=0)
+    return conf.replace(mode='single', rerank_k=0, verifier='none')
 
 
 def _reranked(conf: RelocalizationConf) -> RelocalizationConf | None:
@@ -118,6 +118,15 @@ def method_confs(
         if derived is not None:
             out[name] = derived
     return out
+
+
+def stored_verifiers(confs: Iterable[RelocalizationConf]) -> list[str]:
+    """The keypoint verifiers some method runs: a reference made from images stores their
+    keypoints."""
+    from vpr_ros.rerankers import STORED_VERIFIERS
+
+    names = [name for conf in confs for name in conf.rerankers if name in STORED_VERIFIERS]
+    return list(dict.fromkeys(names))
 
 
 def ranking_depth(conf: RelocalizationConf) -> int:
@@ -177,6 +186,7 @@ def build_reference_database(
     *,
     positions: np.ndarray | None = None,
     sequence: SequenceConf | Mapping[str, Any] | None = None,
+    verifiers: Sequence[str] = (),
     batch_size: int = 8,
     num_threads: int | None = None,
     progress: bool = True,
@@ -194,6 +204,8 @@ def build_reference_database(
             poses and every other candidate competes in the confidences).
         sequence: sequence settings whose image settings (``image_size``, ``patch``) the
             sequence descriptors are made with (None: the defaults).
+        verifiers: keypoint verifiers whose feature stores the map gets (build_map
+            ``--verifiers``).
         batch_size: images per forward pass.
         num_threads: torch threads.
         progress: show a progress bar.
@@ -213,6 +225,7 @@ def build_reference_database(
             'batch_size': batch_size,
             'sequence_image_size': sequence.image_size,
             'sequence_patch': sequence.patch,
+            'verifiers': ','.join(verifiers),
         }
     )
     builder = MapBuilder(model, conf, num_threads=num_threads)
@@ -461,6 +474,7 @@ def evaluate(
             list(reference),
             positions=reference_positions,
             sequence=conf.sequence,
+            verifiers=stored_verifiers(confs.values()),
             batch_size=batch_size,
             num_threads=num_threads,
             progress=progress,

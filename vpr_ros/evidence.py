@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from vpr_ros.errors import ConfigError
-from vpr_ros.types import Hypothesis, Pose
+from vpr_ros.types import Hypothesis, Pose, RelativePose
 
 if TYPE_CHECKING:
     from vpr_ros.database import PlaceDatabase
@@ -48,6 +48,8 @@ class Observation:
         candidates: (K,) map place indices from retrieval, best first (may be empty).
         global_scores: (K,) their global similarities.
         rerank_scores: (R,) re-ranking scores of ``candidates[:R]``, or None.
+        rerank_inliers: (R,) their RANSAC inliers (verifying re-rankers), or None.
+        relative_poses: (R,) the query's pose relative to each of them, where known, or None.
         global_descriptor: (D,) the query's global descriptor, or None.
         sequence_descriptor: (S,) the query's patch-normalised descriptor, or None.
     """
@@ -56,6 +58,8 @@ class Observation:
     candidates: np.ndarray
     global_scores: np.ndarray
     rerank_scores: np.ndarray | None = None
+    rerank_inliers: np.ndarray | None = None
+    relative_poses: Sequence[RelativePose | None] | None = None
     global_descriptor: np.ndarray | None = None
     sequence_descriptor: np.ndarray | None = None
 
@@ -78,11 +82,15 @@ def make_hypotheses(
     global_scores: Sequence[float] | np.ndarray,
     rerank_scores: Sequence[float] | np.ndarray | None,
     confidence: Sequence[float] | np.ndarray,
+    *,
+    inliers: Sequence[int] | np.ndarray | None = None,
+    relative_poses: Sequence[RelativePose | None] | None = None,
 ) -> list[Hypothesis]:
     """Hypotheses for map places ``indices``, in the given order (the one constructor).
 
     ``rerank_scores`` None gives NaN re-ranking scores; poses come from the map (None where a
-    place has no pose).
+    place has no pose); ``inliers`` None gives -1 (not verified), ``relative_poses`` None
+    gives None.
     """
     indices = np.asarray(indices, np.int64).reshape(-1)
     place_ids = database.places['place_id'][indices]
@@ -96,6 +104,8 @@ def make_hypotheses(
             rerank_score=float(rerank[i]),
             confidence=float(confidence[i]),
             pose=Pose.from_row(poses[i]),
+            inliers=-1 if inliers is None else int(inliers[i]),
+            relative_pose=None if relative_poses is None else relative_poses[i],
         )
         for i in range(len(indices))
     ]
@@ -163,12 +173,15 @@ class SingleFrameEvidence:
             order = np.lexsort((-np.asarray(global_scores), -scores))
         else:
             order = np.arange(len(ids))
+        inliers, poses = observation.rerank_inliers, observation.relative_poses
         return make_hypotheses(
             self.database,
             ids[order],
             global_scores[order],
             None if rerank_scores is None else scores[order],
             conf[order],
+            inliers=None if inliers is None else np.asarray(inliers)[order],
+            relative_poses=None if poses is None else [poses[i] for i in order],
         )
 
     def reset(self) -> None:

@@ -26,9 +26,11 @@ from vpr_ros.database import (
     map_lock,
     place_records,
 )
-from vpr_ros.errors import BagReadError, DatabaseError
+from vpr_ros.errors import BagReadError, ConfigError, DatabaseError
 from vpr_ros.images import DEFAULT_MAX_PIXELS, TOO_LARGE_REASON
 from vpr_ros.keyframes import KeyframeConf, KeyframeSelector
+from vpr_ros.rerankers import RERANKERS, STORED_VERIFIERS
+from vpr_ros.rerankers.keypoints import keypoint_model
 from vpr_ros.retrieval import IndexConf
 from vpr_ros.sequence import SequenceConf, patch_normalised_descriptor
 from vpr_ros.types import Frame, SkipCounter
@@ -76,7 +78,50 @@ class BuildConf(Conf):
     sequence_patch: int = option(
         8, 'Sequence descriptors: side of the normalised patches', unit='px', min=1, cli=False
     )
+    verifiers: str = option(
+        '',
+        'Keypoint verifiers the map serves, comma-separated (empty: none); each stores its '
+        'keypoints (float32 pixels) and float16 descriptors per place: xfeat_lighterglue '
+        '12 + 136 N bytes a place, aliked_lightglue 12 + 264 N (N = verifier_keypoints); '
+        f'one or more of {", ".join(STORED_VERIFIERS)}',
+    )
+    verifier_keypoints: int = option(
+        512, 'Verifiers: keypoints stored per place (N), strongest first', min=1
+    )
+    verifier_image_side: int = option(
+        640,
+        'Verifiers: images whose longer side exceeds this are shrunk to it before keypoint '
+        'extraction (keypoints are stored in original pixels)',
+        unit='px',
+        min=32,
+    )
     index: IndexConf = nested(IndexConf)
+
+    def validate(self) -> None:
+        self.verifier_names()
+
+    def verifier_names(self) -> list[str]:
+        """The verifiers of ``verifiers``, in the given order, without repeats."""
+        names = [n.strip() for n in self.verifiers.split(',') if n.strip()]
+        unknown = [n for n in names if n not in STORED_VERIFIERS]
+        if unknown:
+            msg = (
+                f'verifiers names {unknown!r}, which store nothing or do not exist; known: '
+                f'{list(STORED_VERIFIERS)!r} (mnn and mnn_ransac use the local features)'
+            )
+            raise ConfigError(msg)
+        return list(dict.fromkeys(names))
+
+    def feature_stores(self) -> dict[str, dict[str, Any]]:
+        """The feature stores the verifiers read: store name -> its settings."""
+        return {
+            RERANKERS[name].store: {
+                'extractor': RERANKERS[name].store,
+                'max_keypoints': self.verifier_keypoints,
+                'max_image_side': self.verifier_image_side,
+            }
+            for name in self.verifier_names()
+        }
 
     def sequence_settings(self) -> dict[str, Any] | None:
         """What the map records of how its sequence descriptors are made (None: none)."""
@@ -144,18 +189,35 @@ class MapBuilder:
         self.extractor = Extractor(model, batch_size=self.conf.batch_size, num_threads=num_threads)
         if database is not None:
             database.check_model(model.identity(), what='the model building on it')
+            stores = database.feature_store_settings
+            asked = self.conf.feature_stores()
+            if asked and asked != stores:
+                msg = (
+                    f'the map has the feature stores {stores!r}, the settings ask for '
+                    f'{asked!r}; an appended map keeps its own: rebuild it instead'
+                )
+                raise DatabaseError(msg)
+        else:
+            stores = self.conf.feature_stores()
+        # The keypoint models of the map's feature stores (an appended map keeps its own).
+        self.keypoint_models = {name: keypoint_model(s) for name, s in stores.items()}
         self.database = database or PlaceDatabase.empty(
             model.identity(),
             with_local=self.conf.local_features,
             index_conf=self.conf.index,
             sequence_conf=self.conf.sequence_settings(),
+            feature_stores={
+                name: (keypoints.row_dtype(), keypoints.settings)
+                for name, keypoints in self.keypoint_models.items()
+            },
         )
         self.selector = KeyframeSelector.from_conf(self.conf.keyframes)
         self.traverse = self.database.next_traverse()
         # Keyframes waiting for a full batch, already shrunk to the model's input size
         # (with their sequence descriptors made from the full image), so a batch never
         # holds full-resolution frames.
-        self._pending: list[tuple[Frame, np.ndarray | None]] = []
+        # (frame at the model input size, sequence descriptor, verifier store rows)
+        self._pending: list[tuple[Frame, np.ndarray | None, dict[str, np.ndarray]]] = []
 
     def start_traverse(self) -> None:
         """Begin a new traverse (a new bag or recording): keyframe order restarts."""
@@ -174,8 +236,14 @@ class MapBuilder:
             sequence = patch_normalised_descriptor(
                 [frame.image], tuple(settings['image_size']), int(settings['patch'])
             )[0]
+        # Verifier keypoints come from the full image (their coordinates are its pixels);
+        # the model only needs its input size, so the frame waits for its batch small.
+        stores = {
+            name: keypoints.extract_rows([frame.image])[0]
+            for name, keypoints in self.keypoint_models.items()
+        }
         small = replace(frame, image=self.model.preprocessing.resize(frame.image))
-        self._pending.append((small, sequence))
+        self._pending.append((small, sequence, stores))
         if len(self._pending) >= self.extractor.batch_size:
             self.flush()
         return True
@@ -185,7 +253,7 @@ class MapBuilder:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        frames = [frame for frame, _ in pending]
+        frames = [frame for frame, _, _ in pending]
         descriptors = self.extractor.extract([f.image for f in frames])
         rows = place_records(
             frames, first_id=self.database.next_place_id(), traverse=self.traverse
@@ -193,13 +261,18 @@ class MapBuilder:
         local = descriptors.local_features if self.database.local_features is not None else None
         sequence = None
         if self.database.sequence_conf is not None:
-            sequence = np.stack([s for _, s in pending if s is not None])
+            sequence = np.stack([s for _, s, _ in pending if s is not None])
+        stores = {
+            name: np.stack([rows_of[name] for _, _, rows_of in pending])
+            for name in self.keypoint_models
+        }
         self.database.add(
             descriptors.global_descriptors,
             rows,
             local,
             sequence,
             local_grid=descriptors.local_grid,
+            feature_stores=stores,
         )
 
     def record_enu_origin(self, enu_origin: Sequence[float] | None) -> None:

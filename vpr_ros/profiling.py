@@ -40,7 +40,7 @@ from vpr_ros.errors import ConfigError
 from vpr_ros.mapping import BuildConf
 from vpr_ros.models.base import VprModel
 from vpr_ros.models.identity import ModelIdentity
-from vpr_ros.rerank import mnn_scores
+from vpr_ros.rerankers.mnn import mnn_scores
 from vpr_ros.types import Frame, Pose
 
 MB = 1e6  # bytes; all sizes here are decimal megabytes

@@ -1,10 +1,13 @@
 """The relocalization pipeline, ROS-free: image in, ranked place hypotheses out.
 
 Per frame: describe the image (the model) -> retrieve ``top_k`` candidates by global
-descriptor (the map's ``Index``) -> re-score the best ``rerank_k`` (a ``Reranker``) -> the
-mode's ``PlaceEvidence`` turns that into hypotheses with confidences. Each stage runs only
-when the evidence needs it (``PlaceEvidence.needs``). The relocalize node, ``evaluate``,
-training's validation and the benchmarks all run this class.
+descriptor (the map's ``Index``) -> re-score the best ``rerank_k`` (a ``Reranker``) ->
+optionally verify the best ``verify_k`` of those with a second, stronger re-ranker (the
+``verifier``, e.g. top-20 -> MNN -> top-3 verified by XFeat + LighterGlue) -> the mode's
+``PlaceEvidence`` turns that into hypotheses with confidences. Each stage runs only when
+the evidence needs it (``PlaceEvidence.needs``). With the camera's intrinsics, verifying
+re-rankers also give each verified place the query's relative pose. The relocalize node,
+``evaluate``, training's validation and the benchmarks all run this class.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from vpr_ros.evidence import (
     Observation,
     PlaceEvidence,
 )
-from vpr_ros.rerank import RERANKERS, Reranker, make_reranker
+from vpr_ros.rerankers import RERANKERS, Reranked, Reranker, make_reranker
+from vpr_ros.rerankers.verification import VerificationConf
 from vpr_ros.sequence import SequenceConf, sequence_image_descriptors
-from vpr_ros.types import Hypothesis
+from vpr_ros.types import CameraIntrinsics, Hypothesis
 
 # torch-heavy modules are imported where they are used, so that RelocalizationConf is cheap
 # to import (command-line --help, settings tables).
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from vpr_ros.models.base import VprModel
 
 MODES = tuple(EVIDENCE)
+NO_VERIFIER = 'none'
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,23 @@ class RelocalizationConf(Conf):
         min=0,
         read_only=False,
     )
-    reranker: str = option('mnn', 'How candidates are re-ranked', choices=tuple(RERANKERS))
+    reranker: str = option(
+        'mnn',
+        "How candidates are re-ranked: 'mnn' (local-feature matches, SelaVPR), 'mnn_ransac' "
+        "(the same, verified by RANSAC), 'xfeat_lighterglue' / 'aliked_lightglue' (trained "
+        'keypoints and matcher, verified by RANSAC; the map must store them: build_map '
+        '--verifiers)',
+        choices=tuple(RERANKERS),
+    )
+    verifier: str = option(
+        NO_VERIFIER,
+        "A second re-ranker for the best verify_k places after the first ('none': no second "
+        'stage); the published hypotheses are then the verified places',
+        choices=(NO_VERIFIER, *RERANKERS),
+    )
+    verify_k: int = option(
+        3, 'Best re-ranked places the verifier re-scores (with a verifier)', min=1
+    )
     min_similarity: float = option(
         -1.0,
         'Local matches below this cosine similarity do not count in re-ranking (-1: all count)',
@@ -80,12 +101,28 @@ class RelocalizationConf(Conf):
         choices=MODES,
     )
     sequence: SequenceConf = nested(SequenceConf)
+    verification: VerificationConf = nested(VerificationConf)
+
+    @property
+    def rerankers(self) -> tuple[str, ...]:
+        """The re-rankers this pipeline runs (none without re-ranking)."""
+        if self.mode != 'single' or self.rerank_k == 0:
+            return ()
+        if self.verifier == NO_VERIFIER:
+            return (self.reranker,)
+        return (self.reranker, self.verifier)
 
     def validate(self) -> None:
         if self.rerank_k > self.top_k:
             msg = (
                 f'rerank_k must be in 0..top_k ({self.top_k}), got {self.rerank_k}; only '
                 'retrieved places can be re-ranked'
+            )
+            raise ConfigError(msg)
+        if self.verifier != NO_VERIFIER and 0 < self.rerank_k < self.verify_k:
+            msg = (
+                f'verify_k must be in 1..rerank_k ({self.rerank_k}), got {self.verify_k}; '
+                'only re-ranked places can be verified'
             )
             raise ConfigError(msg)
 
@@ -95,8 +132,9 @@ class RelocalizationResult:
     """Hypotheses for one query, best first, with where the time went (seconds).
 
     ``candidates`` are the place indices retrieval found, best first (empty when the mode
-    does not retrieve): evaluation ranks them after the hypotheses, so Recall@N reaches
-    beyond the re-ranked head.
+    does not retrieve; with a verifier, the re-ranked head in its re-ranked order):
+    evaluation ranks them after the hypotheses, so Recall@N reaches beyond the re-ranked
+    head.
     """
 
     hypotheses: list[Hypothesis]
@@ -141,9 +179,20 @@ class Relocalizer:
         self.extractor = Extractor(model, batch_size=1, num_threads=num_threads)
         self.evidence: PlaceEvidence = EVIDENCE[conf.mode](database, conf)
         self.reranker: Reranker | None = None
+        self.verifier: Reranker | None = None
         if RERANK in self.evidence.needs and conf.rerank_k > 0:
-            self.reranker = make_reranker(conf.reranker, min_similarity=conf.min_similarity)
-            self.reranker.check_map(database)
+            for name in conf.rerankers:  # refuse a map that cannot serve one before loading
+                RERANKERS[name].check_map(database)
+            self.reranker, *verifiers = [
+                make_reranker(
+                    name,
+                    database,
+                    min_similarity=conf.min_similarity,
+                    verification=conf.verification,
+                )
+                for name in conf.rerankers
+            ]
+            self.verifier = verifiers[0] if verifiers else None
 
     @property
     def needs(self) -> frozenset[str]:
@@ -158,21 +207,28 @@ class Relocalizer:
         """Descriptors of one RGB image."""
         return self.extractor.extract([image])
 
-    def relocalize(self, image: np.ndarray, stream: Hashable = 0) -> RelocalizationResult:
+    def relocalize(
+        self, image: np.ndarray, stream: Hashable = 0, camera: CameraIntrinsics | None = None
+    ) -> RelocalizationResult:
         """Hypotheses for one RGB uint8 image, best first.
 
         ``stream`` names the camera the image comes from: modes with a history keep one
-        per stream.
+        per stream. ``camera``: its intrinsics, when known (verified places then carry the
+        query's relative pose).
         """
         start = time.perf_counter()
         descriptors = self.describe(image)
         extracted = time.perf_counter()
-        result = self.relocalize_described(image, descriptors, stream)
+        result = self.relocalize_described(image, descriptors, stream, camera)
         result.timings['extract'] = extracted - start
         return result
 
     def relocalize_described(
-        self, image: np.ndarray | None, descriptors: Descriptors, stream: Hashable = 0
+        self,
+        image: np.ndarray | None,
+        descriptors: Descriptors,
+        stream: Hashable = 0,
+        camera: CameraIntrinsics | None = None,
     ) -> RelocalizationResult:
         """Hypotheses for a query already described (a batch of one), e.g. when one
         description serves several pipelines; ``image`` feeds image-based stages."""
@@ -185,13 +241,24 @@ class Relocalizer:
         if RETRIEVAL in needs:
             candidates, global_scores = self.retrieve(query_global)
             timings['retrieve'] = time.perf_counter() - started
-        rerank_scores = None
+        reranked: Reranked | None = None
         if self.reranker is not None:
             begun = time.perf_counter()
             head = candidates[: self.conf.rerank_k]
-            query = self.reranker.query_features(image, descriptors)
-            rerank_scores = self.reranker.scores(query, head, self.database)
+            query = self.reranker.query_features(image, descriptors, camera)
+            reranked = self.reranker.rerank(query, head)
             timings['rerank'] = time.perf_counter() - begun
+            if self.verifier is not None:
+                begun = time.perf_counter()
+                # The re-ranked head in its new order, then the rest as retrieved.
+                order = np.lexsort((-global_scores[: len(head)], -reranked.scores))
+                candidates = np.concatenate([head[order], candidates[len(head) :]])
+                global_scores = np.concatenate(
+                    [global_scores[: len(head)][order], global_scores[len(head) :]]
+                )
+                query = self.verifier.query_features(image, descriptors, camera)
+                reranked = self.verifier.rerank(query, candidates[: self.conf.verify_k])
+                timings['verify'] = time.perf_counter() - begun
         sequence_descriptor = None
         if SEQUENCE in needs:
             if image is None:
@@ -203,7 +270,9 @@ class Relocalizer:
             stream=stream,
             candidates=candidates,
             global_scores=global_scores,
-            rerank_scores=rerank_scores,
+            rerank_scores=None if reranked is None else reranked.scores,
+            rerank_inliers=None if reranked is None else reranked.inliers,
+            relative_poses=None if reranked is None else reranked.relative_poses,
             global_descriptor=query_global if GLOBAL in needs else None,
             sequence_descriptor=sequence_descriptor,
         )

@@ -69,12 +69,58 @@ class SkipCounter:
 
 
 @dataclass(frozen=True)
+class CameraIntrinsics:
+    """A pinhole camera (``sensor_msgs/CameraInfo`` K and size), in pixels.
+
+    Keypoints are taken as already undistorted (or from a camera with negligible distortion).
+    """
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    width: int
+    height: int
+
+    def matrix(self) -> np.ndarray:
+        """The 3x3 calibration matrix K."""
+        return np.array([[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]])
+
+    def scaled_to(self, width: int, height: int) -> CameraIntrinsics:
+        """The same camera for an image resized to ``width`` x ``height``."""
+        sx, sy = width / self.width, height / self.height
+        return CameraIntrinsics(
+            self.fx * sx, self.fy * sy, self.cx * sx, self.cy * sy, int(width), int(height)
+        )
+
+
+@dataclass(frozen=True)
+class RelativePose:
+    """Where the query camera is relative to a map place's camera (optical frames: x right,
+    y down, z forward), from the essential matrix of their verified matches.
+
+    ``pose``: the query camera's position and orientation in the place camera's frame. The
+    position is in metres when ``metric`` (scaled with the map's keyframe poses), else a unit
+    vector (the direction only). ``inliers``: matches consistent with the essential matrix.
+    """
+
+    pose: Pose
+    metric: bool
+    inliers: int
+
+
+@dataclass(frozen=True)
 class Hypothesis:
     """One candidate place for a query, after re-ranking.
 
     ``global_score``: cosine similarity of global descriptors.
-    ``rerank_score``: fraction of query locations with a mutual-nearest-neighbour local match.
-    ``confidence``: in [0, 1], see ``vpr_ros.rerank.confidences``.
+    ``rerank_score``: the re-ranker's score in [0, 1] (``mnn``: fraction of query locations
+    with a mutual-nearest-neighbour local match; verifying re-rankers: the fraction of the
+    query's keypoints or locations that are RANSAC inliers).
+    ``confidence``: in [0, 1], see ``vpr_ros.evidence.confidences``.
+    ``inliers``: RANSAC inliers of a verifying re-ranker (-1: not verified).
+    ``relative_pose``: the query camera relative to the place's, when the camera intrinsics
+    were known and the matches determined it (else None).
     """
 
     place_index: int
@@ -83,3 +129,5 @@ class Hypothesis:
     rerank_score: float
     confidence: float
     pose: Pose | None = None
+    inliers: int = -1
+    relative_pose: RelativePose | None = None

@@ -256,7 +256,7 @@ def test_keyframes_wait_for_their_batch_at_the_model_input_size(default_model) -
     for frame in route(3, size=(1200, 1600)):
         assert builder.offer(frame)
     height, width = default_model.preprocessing.size
-    assert [f.image.shape for f, _ in builder._pending] == [(height, width, 3)] * 3
+    assert [f.image.shape for f, _, _ in builder._pending] == [(height, width, 3)] * 3
     builder.flush()
     assert len(builder.database) == 3
     # The sequence descriptors are made from the full images, as at query time.

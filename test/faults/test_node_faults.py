@@ -127,7 +127,13 @@ def test_large_raw_frames_at_30_hz_reach_the_node_with_the_default_qos(
         harness.spin_until(lambda: harness.counter('frames_received') >= before + frames, 5.0)
         received = harness.counter('frames_received') - before
         print(f'{size[1]}x{size[0]} {reliability.name}: {received} of {frames} frames received')
-        assert received >= 0.9 * frames, harness.values()
+        counters = {k: v for k, v in harness.values().items() if 'frame' in k}
+        # The node keeps only the newest frame: while its worker runs the model on a 2-core
+        # machine, the camera callback may see a frame replaced by the next one in the
+        # subscription's queue (KEEP_LAST 5), which is not a transport loss. What the
+        # profile fixes is the loss in transport: without it none of these frames arrive.
+        assert harness.counter('frames_lost_in_transport') == 0, counters
+        assert received >= frames / 4, counters
         assert harness.spin_until(lambda: stamps[-1] in harness.hypotheses, 10.0)
         best = hypotheses_from_cloud(harness.hypotheses[stamps[-1]])[0]
         assert best.place_id == (frames - 1) % PLACES

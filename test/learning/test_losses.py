@@ -14,7 +14,7 @@ from vpr_ros.learning.losses import (
     relational_distillation_loss,
     triplet_losses,
 )
-from vpr_ros.rerank import mutual_nn_matches
+from vpr_ros.rerankers.mnn import mutual_nn_matches
 
 
 def brute_force_mnn(a: np.ndarray, b: np.ndarray) -> tuple[list[tuple[int, int]], float]:

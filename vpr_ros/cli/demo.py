@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from vpr_ros.errors import ConfigError, VprError
 from vpr_ros.models import DEFAULT_MODEL
-from vpr_ros.types import Frame, Hypothesis, Pose
+from vpr_ros.types import Frame, Hypothesis, Pose, RelativePose
 
 if TYPE_CHECKING:
     import numpy as np
@@ -147,12 +147,25 @@ def _ros_env() -> dict[str, str]:
     return env
 
 
+def _relative_pose(fields: dict | None) -> RelativePose | None:
+    """A relative pose as the demo client wrote it (dataclasses.asdict), or None."""
+    if not fields:
+        return None
+    return RelativePose(Pose(**fields['pose']), bool(fields['metric']), int(fields['inliers']))
+
+
 def _answers(path: Path) -> dict[int, tuple[list[Hypothesis], float, bool]]:
     """The demo client's answers: camera stamp -> (hypotheses, latency in s, ~/pose came)."""
     answers: dict[int, tuple[list[Hypothesis], float, bool]] = {}
     for answer in json.loads(path.read_text())['answers']:
         hypotheses = [
-            Hypothesis(**{**h, 'pose': Pose(**h['pose']) if h['pose'] else None})
+            Hypothesis(
+                **{
+                    **h,
+                    'pose': Pose(**h['pose']) if h['pose'] else None,
+                    'relative_pose': _relative_pose(h.get('relative_pose')),
+                }
+            )
             for h in answer['hypotheses']
         ]
         answers[int(answer['stamp_ns'])] = (

@@ -240,6 +240,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     if args.map is not None:
         # The model is checked against the map when matching starts.
         matched_against = PlaceDatabase.load(args.map)
+        from vpr_ros.rerankers import check_map
+
+        # A re-ranker the map cannot serve is refused before the model loads.
+        check_map(sorted({n for c in confs.values() for n in c.rerankers}), matched_against)
         reference = MapPlaces(args.map, matched_against.poses[:, :2])
     else:
         reference = ImageFolder.from_glob(args.db_images, args.db_glob)

@@ -4,7 +4,7 @@
   ``local_weight`` times the MNN local loss, a hinge between the mean similarity of the
   mutual-nearest-neighbour matches of the (query, negative) local feature maps and that of
   the (query, positive) maps (``mnn_local_loss``). The matching is the re-ranker's
-  (``vpr_ros.rerank.mutual_nn_mask``).
+  (``vpr_ros.rerankers.mnn.mutual_nn_mask``).
 * ``multi_similarity_loss`` (Wang et al. 2019) over in-batch pairs with place labels.
 * ``relational_distillation_loss``: keeps a student's in-batch similarity ranking close to
   a teacher's, across descriptor sizes (a pruned model learning from the unpruned one).
@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vpr_ros.rerank import mutual_nn_mask
+from vpr_ros.rerankers.mnn import mutual_nn_mask
 
 
 def mnn_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean similarity of the mutual-nearest-neighbour matches between local feature sets.
 
     Differentiable through the similarities (the matching itself is not). The matching is
-    the one of ``vpr_ros.rerank.mutual_nn_matches``. As in the official SelaVPR loss, a
+    the one of ``vpr_ros.rerankers.mnn.mutual_nn_matches``. As in the official SelaVPR loss, a
     pair with fewer than two matches falls back to the position-wise mean
     ``mean_l <a_l, b_l>`` (the features at the same grid position). The official code
     takes that branch for exactly one match (its index tensor squeezes to a scalar);

@@ -4,7 +4,10 @@ The hypothesis table is a ``sensor_msgs/PointCloud2`` with one point per hypothe
 first, and the fields of :data:`HYPOTHESIS_DTYPE` (little-endian, no padding): a consumer in
 any language reads it with its usual point-cloud tools, and RViz draws the places. Poses are in
 the map frame; a hypothesis without a pose (a map built without poses) has NaN in ``x`` ..
-``qw`` and the cloud is then not dense.
+``qw`` and the cloud is then not dense. A verifying re-ranker fills ``inliers``; with the
+camera's intrinsics, a verified place also carries the query camera's pose in the place
+camera's optical frame (``rel_x`` .. ``rel_qw``, metres when ``rel_metric`` is 1, else a unit
+direction; NaN when unknown) - e.g. a loop-closure constraint.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ import numpy as np
 from diagnostic_msgs.msg import KeyValue
 from geometry_msgs.msg import Point, PoseArray, PoseWithCovarianceStamped, Quaternion
 from geometry_msgs.msg import Pose as PoseMsg
-from sensor_msgs.msg import PointCloud2, PointField
+from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
 from std_msgs.msg import Header
 
-from vpr_ros.types import Hypothesis, Pose
+from vpr_ros.types import CameraIntrinsics, Hypothesis, Pose, RelativePose
 
 # The pose columns of vpr_ros.database.PLACE_DTYPE; not imported from there, because that
 # module loads faiss and torch, and readers of the table need neither.
 POSE_FIELDS = ('x', 'y', 'z', 'qx', 'qy', 'qz', 'qw')
+RELATIVE_FIELDS = tuple(f'rel_{name}' for name in POSE_FIELDS)
 
 HYPOTHESIS_DTYPE = np.dtype(
     [(name, '<f8') for name in POSE_FIELDS]
@@ -33,10 +37,14 @@ HYPOTHESIS_DTYPE = np.dtype(
         ('global_score', '<f4'),
         ('rerank_score', '<f4'),
         ('confidence', '<f4'),
+        ('inliers', '<i4'),
     ]
+    + [(name, '<f8') for name in RELATIVE_FIELDS]
+    + [('rel_inliers', '<i4'), ('rel_metric', 'u1')]
 )
-"""One row of the hypothesis table (72 bytes): map pose x y z qx qy qz qw, place id, scores,
-confidence."""
+"""One row of the hypothesis table (137 bytes): map pose x y z qx qy qz qw, place id, scores,
+confidence, RANSAC inliers (-1: not verified), the query's relative pose rel_x .. rel_qw, its
+essential-matrix inliers and whether it is metric."""
 
 # PointField datatype <-> numpy kind and size (PointField has no 64-bit integers).
 _POINTFIELD_DTYPES: dict[int, str] = {
@@ -145,6 +153,13 @@ def hypotheses_to_table(hypotheses: Sequence[Hypothesis]) -> np.ndarray:
         row['global_score'] = hypothesis.global_score
         row['rerank_score'] = hypothesis.rerank_score
         row['confidence'] = hypothesis.confidence
+        row['inliers'] = hypothesis.inliers
+        relative = hypothesis.relative_pose
+        values = relative.pose.as_array() if relative is not None else np.full(7, np.nan)
+        for name, value in zip(RELATIVE_FIELDS, values):
+            row[name] = value
+        row['rel_inliers'] = relative.inliers if relative is not None else 0
+        row['rel_metric'] = bool(relative is not None and relative.metric)
     return table
 
 
@@ -175,6 +190,13 @@ def hypotheses_from_cloud(msg: PointCloud2) -> list[Hypothesis]:
         pose = None
         if not np.isnan(row['x']):
             pose = Pose(*(float(row[name]) for name in POSE_FIELDS))
+        relative = None
+        if not np.isnan(row['rel_x']):
+            relative = RelativePose(
+                Pose(*(float(row[name]) for name in RELATIVE_FIELDS)),
+                metric=bool(row['rel_metric']),
+                inliers=int(row['rel_inliers']),
+            )
         hypotheses.append(
             Hypothesis(
                 place_index=-1,
@@ -183,9 +205,19 @@ def hypotheses_from_cloud(msg: PointCloud2) -> list[Hypothesis]:
                 rerank_score=float(row['rerank_score']),
                 confidence=float(row['confidence']),
                 pose=pose,
+                inliers=int(row['inliers']),
+                relative_pose=relative,
             )
         )
     return hypotheses
+
+
+def camera_intrinsics(msg: CameraInfo) -> CameraIntrinsics | None:
+    """The pinhole intrinsics of a ``sensor_msgs/CameraInfo`` (None: uncalibrated, K = 0)."""
+    k = [float(v) for v in msg.k]
+    if k[0] <= 0 or k[4] <= 0 or msg.width <= 0 or msg.height <= 0:
+        return None
+    return CameraIntrinsics(k[0], k[4], k[2], k[5], int(msg.width), int(msg.height))
 
 
 def pose_to_msg(pose: Pose) -> PoseMsg:

@@ -6,7 +6,8 @@ the image, runs :class:`~vpr_ros.relocalization.Relocalizer` and publishes, with
 frame's stamp in every header:
 
 * ``~/hypotheses`` (``sensor_msgs/PointCloud2``): every re-ranked hypothesis, best first, as a
-  table (see :mod:`vpr_ros.nodes.conversions`);
+  table (see :mod:`vpr_ros.nodes.conversions`); with ``camera_info_topics`` and a verifying
+  re-ranker, verified places carry the query camera's relative pose;
 * ``~/pose`` (``geometry_msgs/PoseWithCovarianceStamped``): the best hypothesis when its
   confidence reaches ``confidence_threshold``;
 * ``~/hypothesis_poses`` (``geometry_msgs/PoseArray``): the hypotheses' poses, for RViz;
@@ -38,7 +39,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
-from sensor_msgs.msg import CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool, Trigger
 
@@ -56,9 +57,15 @@ from vpr_ros.nodes.common import (
     diagnostic_status,
     run_node,
 )
-from vpr_ros.nodes.conversions import hypotheses_to_cloud, pose_array, pose_with_covariance
+from vpr_ros.nodes.conversions import (
+    camera_intrinsics,
+    hypotheses_to_cloud,
+    pose_array,
+    pose_with_covariance,
+)
 from vpr_ros.nodes.params import declare_conf, validate_changes
 from vpr_ros.relocalization import RelocalizationConf, Relocalizer
+from vpr_ros.types import CameraIntrinsics
 
 try:
     from rclpy.event_handler import SubscriptionEventCallbacks
@@ -111,6 +118,12 @@ class RelocalizeNodeConf(Conf):
         "or 'reliable' (only reliable publishers match)",
         choices=tuple(CAMERA_QOS),
     )
+    camera_info_topics: list[str] = option(
+        [''],
+        "Per camera topic: its sensor_msgs/CameraInfo topic ('': intrinsics unknown); with "
+        'them, verifying re-rankers estimate the relative pose of verified places; one value '
+        'applies to every topic',
+    )
     relocalization: RelocalizationConf = nested(RelocalizationConf, flatten=True)
     confidence_threshold: float = option(
         0.3,
@@ -155,6 +168,12 @@ class RelocalizeNodeConf(Conf):
             msg = (
                 f'camera_transports has {len(transports)} values for {len(topics)} camera '
                 'topics; give one value, or one per topic'
+            )
+            raise ConfigError(msg)
+        if len(self.camera_info_topics) not in (1, len(topics)):
+            msg = (
+                f'camera_info_topics has {len(self.camera_info_topics)} values for '
+                f'{len(topics)} camera topics; give one value, or one per topic'
             )
             raise ConfigError(msg)
 
@@ -300,6 +319,11 @@ class RelocalizeNode(Node):
         self._camera_received = [0] * len(topics)
         self._camera_lost = [0] * len(topics)
         self._transport_history: deque[tuple[float, list[int], list[int]]] = deque()
+        info_topics = conf.camera_info_topics
+        if len(info_topics) == 1:
+            info_topics = info_topics * len(topics)
+        # The newest intrinsics of each camera (None: unknown).
+        self._intrinsics: list[CameraIntrinsics | None] = [None] * len(topics)
         self._stats = _Stats()
         self._enabled = True
         # Camera callbacks only store messages; services and diagnostics have their own groups
@@ -317,6 +341,17 @@ class RelocalizeNode(Node):
                 ),
             )
             for camera, (topic, transport) in enumerate(zip(topics, transports))
+        ]
+        self._camera_info_subscriptions = [
+            self.create_subscription(
+                CameraInfo,
+                info_topic,
+                functools.partial(self.camera_info_callback, camera),
+                CAMERA_QOS[conf.camera_qos],
+                callback_group=camera_group,
+            )
+            for camera, info_topic in enumerate(info_topics)
+            if info_topic
         ]
         service_group = MutuallyExclusiveCallbackGroup()
         self.create_service(
@@ -369,6 +404,9 @@ class RelocalizeNode(Node):
         self._camera_received[camera] += 1
         if self._enabled:
             self._frames.put(camera, msg)
+
+    def camera_info_callback(self, camera: int, msg: CameraInfo) -> None:
+        self._intrinsics[camera] = camera_intrinsics(msg)
 
     def reload_map_callback(
         self, request: Trigger.Request, response: Trigger.Response
@@ -535,7 +573,9 @@ class RelocalizeNode(Node):
         decoded = time.monotonic()
         with self._map_lock:
             relocalizer = self._relocalizer
-        result = relocalizer.relocalize(rgb, stream=self._topics[pending.camera])
+        result = relocalizer.relocalize(
+            rgb, stream=self._topics[pending.camera], camera=self._intrinsics[pending.camera]
+        )
         relocalized = time.monotonic()
         hypotheses = result.hypotheses
         header = Header(stamp=msg.header.stamp, frame_id=self.conf.map_frame_id)

@@ -1,24 +1,20 @@
-"""Re-ranking: the ``Reranker`` seam, and mutual-nearest-neighbour (MNN) matching (SelaVPR).
+"""``mnn``: SelaVPR's re-ranking by mutual-nearest-neighbour (MNN) local matches.
 
-A re-ranker scores the candidates that retrieval found, from what the query image gives
-and what the map stores per place; higher is better. ``RERANKERS`` maps the names that
-``RelocalizationConf.reranker`` (the node parameter ``reranker``, evaluate's ``--reranker``)
-selects to their classes; a re-ranker that needs per-place data says so in ``check_map``,
-which refuses a map that cannot serve it.
-
-``mnn`` (the default): no RANSAC and no geometry: a candidate's score is the fraction of
-the query's local features whose nearest neighbour in the candidate points back to them.
-It is a few dense matrix products per candidate, which is why it runs at a few percent of
-the cost of RANSAC-based re-ranking.
+No RANSAC and no geometry: a candidate's score is the fraction of the query's local
+features whose nearest neighbour in the candidate points back to them. It is a few dense
+matrix products per candidate, which is why it runs at a few percent of the cost of
+RANSAC-based re-ranking. The MNN matching functions here also serve ``mnn_ransac`` and the
+training loss.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from vpr_ros.errors import ConfigError, DatabaseError
+from vpr_ros.errors import DatabaseError
+from vpr_ros.rerankers.base import Reranked
 
 # torch is imported where it is used: the settings tables list RERANKERS, and --help of
 # the commands must not wait for torch.
@@ -27,6 +23,8 @@ if TYPE_CHECKING:
 
     from vpr_ros.database import PlaceDatabase
     from vpr_ros.extraction import Descriptors
+    from vpr_ros.rerankers.verification import VerificationConf
+    from vpr_ros.types import CameraIntrinsics
 
 # Similarity matrices are computed for this many (query x candidate) entries at a time.
 _MAX_ENTRIES_PER_CHUNK = 32_000_000
@@ -71,6 +69,41 @@ def mutual_nn_matches(
     return rows[keep].numpy(), nn12[keep].numpy()
 
 
+def mnn_matches_batch(
+    query: np.ndarray | torch.Tensor,
+    candidates: np.ndarray | torch.Tensor,
+    min_similarity: float = -1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """MNN matches of one query with each of K candidates, as masks over query locations.
+
+    Args:
+        query: (L1, C) local features of the query.
+        candidates: (K, L2, C) local features of K candidate places.
+        min_similarity: matches whose cosine similarity is below this do not count.
+
+    Returns:
+        ``matched`` (K, L1) bool: query location i has an MNN match in candidate k;
+        ``nn12`` (K, L1) int64: the candidate location each query location matches.
+    """
+    import torch
+
+    q = _as_tensor(query)
+    count, length = len(candidates), q.shape[0]
+    matched = np.zeros((count, length), bool)
+    nearest = np.zeros((count, length), np.int64)
+    if count == 0 or length == 0:
+        return matched, nearest
+    per_chunk = max(1, _MAX_ENTRIES_PER_CHUNK // (length * max(1, candidates.shape[1])))
+    for start in range(0, count, per_chunk):
+        c = _as_tensor(candidates[start : start + per_chunk])
+        sim = torch.einsum('lc,kmc->klm', q, c)  # (k, L1, L2)
+        mutual, nn12 = mutual_nn_mask(sim)  # (k, L1)
+        best12 = torch.gather(sim, 2, nn12.unsqueeze(-1)).squeeze(-1)
+        matched[start : start + len(c)] = (mutual & (best12 >= min_similarity)).numpy()
+        nearest[start : start + len(c)] = nn12.numpy()
+    return matched, nearest
+
+
 def mnn_scores(
     query: np.ndarray | torch.Tensor,
     candidates: np.ndarray | torch.Tensor,
@@ -86,21 +119,10 @@ def mnn_scores(
     Returns:
         (K,) float32 scores in [0, 1].
     """
-    import torch
-
-    q = _as_tensor(query)
-    count, length = len(candidates), q.shape[0]
-    scores = np.zeros(count, np.float32)
-    if count == 0 or length == 0:
-        return scores
-    per_chunk = max(1, _MAX_ENTRIES_PER_CHUNK // (length * max(1, candidates.shape[1])))
-    for start in range(0, count, per_chunk):
-        c = _as_tensor(candidates[start : start + per_chunk])
-        sim = torch.einsum('lc,kmc->klm', q, c)  # (k, L1, L2)
-        mutual, nn12 = mutual_nn_mask(sim)  # (k, L1)
-        best12 = torch.gather(sim, 2, nn12.unsqueeze(-1)).squeeze(-1)
-        matched = mutual & (best12 >= min_similarity)
-        scores[start : start + len(c)] = matched.float().mean(dim=1).numpy()
+    matched, _ = mnn_matches_batch(query, candidates, min_similarity)
+    if matched.shape[1] == 0:
+        return np.zeros(len(matched), np.float32)
+    scores: np.ndarray = matched.mean(axis=1, dtype=np.float64).astype(np.float32)
     return scores
 
 
@@ -111,67 +133,53 @@ def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.float()
 
 
-class Reranker(Protocol):
-    """Scores retrieved candidates for one query; higher is better."""
-
-    name: str
-
-    def check_map(self, database: PlaceDatabase) -> None:
-        """Raise ``DatabaseError`` (saying how to rebuild) when the map lacks what this
-        re-ranker reads."""
-
-    def query_features(self, image: np.ndarray | None, descriptors: Descriptors) -> Any:
-        """What the re-ranker needs of one query: from its RGB image (None when the caller
-        has only descriptors) or from the model's descriptors (a batch of one)."""
-
-    def scores(self, query: Any, candidates: np.ndarray, database: PlaceDatabase) -> np.ndarray:
-        """(K,) float32 scores of the map places ``candidates`` (K,) for ``query``."""
+def stored_local_features(database: PlaceDatabase, candidates: np.ndarray) -> np.ndarray:
+    """(K, L, C) float32 local features of the map places ``candidates``."""
+    assert database.local_features is not None
+    return np.asarray(database.local_features[np.asarray(candidates, np.int64)], np.float32)
 
 
 class MnnReranker:
     """SelaVPR's re-ranking: the fraction of query locations with an MNN local match.
 
     Args:
+        database: the map (with local features).
         min_similarity: matches below this cosine similarity do not count.
+        verification: unused (no geometry).
     """
 
-    name = 'mnn'
+    name: ClassVar[str] = 'mnn'
+    store: ClassVar[str | None] = None
 
-    def __init__(self, *, min_similarity: float = -1.0) -> None:
+    def __init__(
+        self,
+        database: PlaceDatabase,
+        *,
+        min_similarity: float = -1.0,
+        verification: VerificationConf | None = None,
+    ) -> None:
+        self.database = database
         self.min_similarity = float(min_similarity)
 
-    def check_map(self, database: PlaceDatabase) -> None:
+    @classmethod
+    def check_map(cls, database: PlaceDatabase) -> None:
         if database.local_features is None:
             msg = (
-                "re-ranker 'mnn' needs the map's local features, and this map has none "
+                f"re-ranker {cls.name!r} needs the map's local features, and this map has none "
                 '(built with --no-local-features); rebuild it with local features, or set '
                 'rerank_k to 0'
             )
             raise DatabaseError(msg)
 
-    def query_features(self, image: np.ndarray | None, descriptors: Descriptors) -> np.ndarray:
+    def query_features(
+        self,
+        image: np.ndarray | None,
+        descriptors: Descriptors,
+        camera: CameraIntrinsics | None = None,
+    ) -> np.ndarray:
         local: np.ndarray = descriptors.local_features[0]
         return local
 
-    def scores(
-        self, query: np.ndarray, candidates: np.ndarray, database: PlaceDatabase
-    ) -> np.ndarray:
-        assert database.local_features is not None
-        stored = np.asarray(database.local_features[np.asarray(candidates)], np.float32)
-        scores: np.ndarray = mnn_scores(query, stored, self.min_similarity)
-        return scores
-
-
-RERANKERS: dict[str, type[MnnReranker]] = {'mnn': MnnReranker}
-"""Re-rankers by name (``RelocalizationConf.reranker``)."""
-
-
-def make_reranker(name: str, *, min_similarity: float = -1.0) -> Reranker:
-    """The re-ranker called ``name``.
-
-    Raises:
-        ConfigError: an unknown name (the message lists the known ones).
-    """
-    if name not in RERANKERS:
-        raise ConfigError(f'unknown re-ranker {name!r}; known: {sorted(RERANKERS)}')
-    return RERANKERS[name](min_similarity=min_similarity)
+    def rerank(self, query: np.ndarray, candidates: np.ndarray) -> Reranked:
+        stored = stored_local_features(self.database, candidates)
+        return Reranked(mnn_scores(query, stored, self.min_similarity))

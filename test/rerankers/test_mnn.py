@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_ros.rerank import mnn_scores, mutual_nn_mask, mutual_nn_matches
+from vpr_ros.rerankers.mnn import mnn_scores, mutual_nn_mask, mutual_nn_matches
 
 
 def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
