@@ -152,3 +152,16 @@ def test_precision_recall_curves_refuse_mismatched_inputs() -> None:
         sampled_precision_recall(np.ones(2, bool), np.ones(2), num_thresholds=1)
     with pytest.raises(ValueError, match='finite'):
         sampled_precision_recall(np.ones(2, bool), np.array([1.0, np.nan]))
+
+
+def test_expected_calibration_error_is_zero_when_confidence_matches_accuracy() -> None:
+    from vpr_ros.metrics import expected_calibration_error, reliability_bins
+
+    correct = np.array([True] * 8 + [False] * 2 + [True] * 5 + [False] * 5)
+    confidence = np.array([0.8] * 10 + [0.5] * 10)
+    assert expected_calibration_error(correct, confidence) == pytest.approx(0.0, abs=1e-12)
+    overconfident = np.array([0.95] * 10 + [0.9] * 10)
+    assert expected_calibration_error(correct, overconfident) == pytest.approx(0.275)
+    _, accuracy, count = reliability_bins(correct, confidence)
+    assert count[8] == 10 and accuracy[8] == pytest.approx(0.8)
+    assert np.isnan(accuracy[0]) and count[0] == 0

@@ -27,9 +27,9 @@ name. Anything the pipeline runs can be evaluated this way:
 * another re-ranker: register it in ``vpr_ros.rerankers.RERANKERS``, then
   ``METHODS['reranked-x'] = lambda conf: conf.replace(reranker='x')`` (or simply run
   ``evaluate --reranker x``);
-* another mode, e.g. a filter over places: register its evidence in
-  ``vpr_ros.evidence.EVIDENCE`` (a new ``RelocalizationConf.mode``), then
-  ``METHODS['filter'] = lambda conf: conf.replace(mode='filter')``; if it answers with a
+* another mode: register its evidence in ``vpr_ros.evidence.EVIDENCE`` (a new
+  ``RelocalizationConf.mode``), then ``METHODS['x'] = lambda conf: conf.replace(mode='x')``
+  (as ``filter`` is); if it answers with a
   depth other than ``top_k``, say so in ``ranking_depth``, and say in ``recall_counts``
   and ``similarity_name`` what its places and its hypotheses' scores are (the report
   prints both).
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 RETRIEVAL = 'retrieval'
 RERANKED = 'reranked'
 SEQUENCE = 'sequence'
+FILTER = 'filter'
 
 
 def _retrieval(conf: RelocalizationConf) -> RelocalizationConf:
@@ -83,10 +84,16 @@ def _sequence(conf: RelocalizationConf) -> RelocalizationConf:
     return conf.replace(mode='sequence')
 
 
+def _filter(conf: RelocalizationConf) -> RelocalizationConf:
+    """The place filter over every query in order (``conf.filter``)."""
+    return conf.replace(mode='filter')
+
+
 METHODS: dict[str, Callable[[RelocalizationConf], RelocalizationConf | None]] = {
     RETRIEVAL: _retrieval,
     RERANKED: _reranked,
     SEQUENCE: _sequence,
+    FILTER: _filter,
 }
 """Methods by name: base settings -> the method's settings (None: not applicable)."""
 
@@ -149,6 +156,10 @@ def recall_counts(conf: RelocalizationConf) -> str:
         )
     if conf.mode == 'single':
         return 'the N places most similar by global descriptor'
+    if conf.mode == 'filter':
+        return (
+            'the N most probable places of the filter, one per region (then the retrieval order)'
+        )
     return f'the first N places of mode {conf.mode!r}'
 
 

@@ -9,7 +9,10 @@ where single-frame confidence, sequence matching and filters over places plug in
 * ``single``: each frame on its own; the confidence is the margin of a candidate's score
   over its best competitor (``confidences``);
 * ``sequence``: each stream's recent frames matched along the map's keyframe order
-  (``vpr_ros.sequence.SequenceMatcher``).
+  (``vpr_ros.sequence.SequenceMatcher``);
+* ``filter`` (the default): one belief over the map's places and off-map, moved by
+  odometry or the keyframe order and weighed by every source a frame gives
+  (``vpr_ros.place_filter``); the confidence is the posterior probability of the place.
 
 An evidence class says in ``needs`` what the pipeline must compute per frame, so that a
 mode that does not use, say, re-ranking does not pay for it. ``EVIDENCE`` maps mode names
@@ -52,6 +55,8 @@ class Observation:
         relative_poses: (R,) the query's pose relative to each of them, where known, or None.
         global_descriptor: (D,) the query's global descriptor, or None.
         sequence_descriptor: (S,) the query's patch-normalised descriptor, or None.
+        stamp: when the frame was taken (s), or None.
+        odometry_xyz: the robot's odometry position at the frame (any fixed frame), or None.
     """
 
     stream: Hashable
@@ -62,6 +67,8 @@ class Observation:
     relative_poses: Sequence[RelativePose | None] | None = None
     global_descriptor: np.ndarray | None = None
     sequence_descriptor: np.ndarray | None = None
+    stamp: float | None = None
+    odometry_xyz: np.ndarray | None = None
 
 
 class PlaceEvidence(Protocol):
@@ -201,6 +208,7 @@ class SequenceEvidence:
     def __init__(self, database: PlaceDatabase, conf: RelocalizationConf) -> None:
         self.database = database
         self.conf, self._map_descriptors = sequence_setup(database, conf.sequence)
+        self.sequence_conf = self.conf
         descriptor = GLOBAL if self.conf.descriptor == 'global' else SEQUENCE
         # The global descriptor also gives each hypothesis its global similarity.
         self.needs = frozenset({descriptor, GLOBAL})
@@ -265,7 +273,95 @@ def sequence_setup(database: PlaceDatabase, conf: SequenceConf) -> tuple[Sequenc
     return conf, np.asarray(database.sequence_descriptors, np.float32)
 
 
+class FilterEvidence:
+    """One place filter (``vpr_ros.place_filter``) fed by every camera stream.
+
+    Without odometry the first stream seen drives the keyframe-order motion and the others
+    add their evidence where the belief is (two cameras on one robot see one place). The
+    hypotheses are the most probable places, one per region, with the posterior mass of
+    their region as ``confidence``; ``rerank_score`` is the place's re-ranking score where
+    it was re-ranked this frame (NaN elsewhere).
+    """
+
+    def __init__(self, database: PlaceDatabase, conf: RelocalizationConf) -> None:
+        from vpr_ros.place_filter import (
+            GLOBAL_SOURCE,
+            PATCH_SOURCE,
+            RERANK_SOURCE,
+            PlaceFilter,
+        )
+
+        self.database = database
+        self.conf = conf.filter
+        self.count = conf.rerank_k or conf.top_k
+        sources = set(self.conf.sources)
+        descriptors: dict[str, np.ndarray] = {}
+        needs = {RETRIEVAL, GLOBAL}  # retrieval: candidates to re-rank and to rank after
+        # The patch source first: its keyframe steps are the cleaner motion cue.
+        self.sequence_conf: SequenceConf | None = None
+        if PATCH_SOURCE in sources and database.sequence_descriptors is not None:
+            self.sequence_conf, descriptors[PATCH_SOURCE] = sequence_setup(
+                database, conf.sequence.replace(descriptor='patch_norm')
+            )
+            needs.add(SEQUENCE)
+        descriptors[GLOBAL_SOURCE] = np.asarray(database.global_descriptors, np.float32)
+        if RERANK_SOURCE in sources and conf.rerank_k > 0:
+            needs.add(RERANK)
+        self.needs = frozenset(needs)
+        self.filter = PlaceFilter(
+            descriptors,
+            database.places['traverse'],
+            database.poses[:, :3],
+            self.conf,
+            competitor_radius_m=conf.competitor_radius_m,
+        )
+        self._driving_stream: Hashable | None = None
+        self._odometry_seen = False
+
+    def update(self, observation: Observation) -> list[Hypothesis]:
+        from vpr_ros.place_filter import GLOBAL_SOURCE, PATCH_SOURCE
+
+        queries: dict[str, np.ndarray] = {}
+        if observation.sequence_descriptor is not None:
+            queries[PATCH_SOURCE] = observation.sequence_descriptor
+        if observation.global_descriptor is not None:
+            queries[GLOBAL_SOURCE] = observation.global_descriptor
+        rerank = None
+        if observation.rerank_scores is not None:
+            head = observation.candidates[: len(observation.rerank_scores)]
+            rerank = (head, np.asarray(observation.rerank_scores))
+        if self._driving_stream is None:
+            self._driving_stream = observation.stream
+        odometry = observation.odometry_xyz
+        if odometry is not None:
+            self._odometry_seen = True
+        elif self._odometry_seen:
+            self.filter.note_odometry_gap()
+        # With odometry every frame moves the belief by what the robot travelled since the
+        # last one; without, only the driving stream's image steps do.
+        move = odometry is not None or observation.stream == self._driving_stream
+        self.filter.update(
+            queries, rerank=rerank, odometry_xyz=odometry, stamp=observation.stamp, move=move
+        )
+        places, confidence = self.filter.best_places(self.count)
+        global_scores = np.full(len(places), np.nan)
+        query_global = observation.global_descriptor
+        if query_global is not None and len(places):
+            global_scores = self.database.global_descriptors[places] @ query_global
+        rerank_scores = np.full(len(places), np.nan)
+        if rerank is not None:
+            scored = dict(zip(rerank[0].tolist(), rerank[1].tolist(), strict=True))
+            rerank_scores = np.array([scored.get(int(p), np.nan) for p in places])
+        return make_hypotheses(self.database, places, global_scores, rerank_scores, confidence)
+
+    def reset(self) -> None:
+        self.filter.reset()
+        self._driving_stream = None
+        self._odometry_seen = False
+
+
 EVIDENCE: dict[str, Callable[[PlaceDatabase, RelocalizationConf], PlaceEvidence]] = {
+    'filter': FilterEvidence,
     'single': SingleFrameEvidence,
     'sequence': SequenceEvidence,
 }

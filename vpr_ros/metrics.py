@@ -242,3 +242,41 @@ def _flags_and_values(
     if flags.shape != values.shape:
         raise ValueError(f'{flags.shape!r} correctness flags for {values.shape!r} {what}')
     return flags, values
+
+
+# -- calibration: is a confidence of 0.8 right 80 % of the time? ----------------------------
+
+
+def reliability_bins(
+    is_correct: np.ndarray, confidence: np.ndarray, *, bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin: mean confidence, fraction correct and count.
+
+    Answers without a confidence (NaN) are left out. Empty bins hold NaN and 0.
+
+    Returns:
+        mean_confidence (bins,), accuracy (bins,), count (bins,).
+    """
+    is_correct = np.asarray(is_correct, bool).reshape(-1)
+    confidence = np.asarray(confidence, np.float64).reshape(-1)
+    known = np.isfinite(confidence)
+    is_correct, confidence = is_correct[known], np.clip(confidence[known], 0.0, 1.0)
+    index = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        mean_confidence = np.bincount(index, confidence, bins) / count
+        accuracy = np.bincount(index, is_correct.astype(np.float64), bins) / count
+    return mean_confidence, accuracy, count
+
+
+def expected_calibration_error(
+    is_correct: np.ndarray, confidence: np.ndarray, *, bins: int = 10
+) -> float:
+    """The count-weighted mean gap between confidence and accuracy over the bins (ECE)."""
+    mean_confidence, accuracy, count = reliability_bins(is_correct, confidence, bins=bins)
+    total = int(count.sum())
+    if total == 0:
+        return float('nan')
+    filled = count > 0
+    gaps = np.abs(mean_confidence[filled] - accuracy[filled])
+    return float(np.sum(count[filled] * gaps) / total)

@@ -31,6 +31,7 @@ from vpr_ros.evidence import (
     Observation,
     PlaceEvidence,
 )
+from vpr_ros.place_filter import FilterConf
 from vpr_ros.rerankers import RERANKERS, Reranked, Reranker, make_reranker
 from vpr_ros.rerankers.verification import VerificationConf
 from vpr_ros.sequence import SequenceConf, sequence_image_descriptors
@@ -94,19 +95,22 @@ class RelocalizationConf(Conf):
         max=1.0,
     )
     mode: str = option(
-        'single',
-        "'single': each frame on its own (retrieval, then re-ranking); 'sequence': each "
-        "camera's recent frames matched along the map's keyframe order (settings sequence.*; "
-        'rerank_score then holds the sequence score)',
+        'filter',
+        "'filter': one belief over the map's places and off-map, moved by odometry or the "
+        'keyframe order and weighed by every frame (settings filter.*; confidence is the '
+        "posterior probability); 'single': each frame on its own (retrieval, then "
+        "re-ranking); 'sequence': each camera's recent frames matched along the map's "
+        'keyframe order (settings sequence.*; rerank_score then holds the sequence score)',
         choices=MODES,
     )
+    filter: FilterConf = nested(FilterConf)
     sequence: SequenceConf = nested(SequenceConf)
     verification: VerificationConf = nested(VerificationConf)
 
     @property
     def rerankers(self) -> tuple[str, ...]:
         """The re-rankers this pipeline runs (none without re-ranking)."""
-        if self.mode != 'single' or self.rerank_k == 0:
+        if self.mode == 'sequence' or self.rerank_k == 0:
             return ()
         if self.verifier == NO_VERIFIER:
             return (self.reranker,)
@@ -208,18 +212,27 @@ class Relocalizer:
         return self.extractor.extract([image])
 
     def relocalize(
-        self, image: np.ndarray, stream: Hashable = 0, camera: CameraIntrinsics | None = None
+        self,
+        image: np.ndarray,
+        stream: Hashable = 0,
+        camera: CameraIntrinsics | None = None,
+        *,
+        stamp: float | None = None,
+        odometry_xyz: np.ndarray | None = None,
     ) -> RelocalizationResult:
         """Hypotheses for one RGB uint8 image, best first.
 
         ``stream`` names the camera the image comes from: modes with a history keep one
         per stream. ``camera``: its intrinsics, when known (verified places then carry the
-        query's relative pose).
+        query's relative pose). ``stamp`` (s) and ``odometry_xyz`` (the robot's odometry
+        position when the image was taken) feed the filter's motion model.
         """
         start = time.perf_counter()
         descriptors = self.describe(image)
         extracted = time.perf_counter()
-        result = self.relocalize_described(image, descriptors, stream, camera)
+        result = self.relocalize_described(
+            image, descriptors, stream, camera, stamp=stamp, odometry_xyz=odometry_xyz
+        )
         result.timings['extract'] = extracted - start
         return result
 
@@ -229,6 +242,9 @@ class Relocalizer:
         descriptors: Descriptors,
         stream: Hashable = 0,
         camera: CameraIntrinsics | None = None,
+        *,
+        stamp: float | None = None,
+        odometry_xyz: np.ndarray | None = None,
     ) -> RelocalizationResult:
         """Hypotheses for a query already described (a batch of one), e.g. when one
         description serves several pipelines; ``image`` feeds image-based stages."""
@@ -264,7 +280,7 @@ class Relocalizer:
             if image is None:
                 raise ConfigError('patch-normalised sequence matching needs the query image')
             sequence_descriptor = sequence_image_descriptors(
-                [image], getattr(self.evidence, 'conf', None)
+                [image], getattr(self.evidence, 'sequence_conf', None)
             )[0]
         observation = Observation(
             stream=stream,
@@ -275,6 +291,8 @@ class Relocalizer:
             relative_poses=None if reranked is None else reranked.relative_poses,
             global_descriptor=query_global if GLOBAL in needs else None,
             sequence_descriptor=sequence_descriptor,
+            stamp=stamp,
+            odometry_xyz=odometry_xyz,
         )
         begun = time.perf_counter()
         hypotheses = self.evidence.update(observation)

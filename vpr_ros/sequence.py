@@ -487,7 +487,7 @@ class SequenceMatcher:
         distance = np.sqrt(np.maximum(2.0 - 2.0 * similarity.astype(np.float64), 0.0))
         distance = distance[self._order]
         if self.conf.contrast_window > 0:
-            enhanced = _local_zscore(distance, self._contrast_lo, self._contrast_hi)
+            enhanced = local_zscore(distance, self._contrast_lo, self._contrast_hi)
         else:
             enhanced = (distance - distance.mean()) / max(float(distance.std()), 1e-6)
         costs = np.full(self._num_slots, np.inf, np.float32)
@@ -646,7 +646,7 @@ def _consecutive_distances(
     return out
 
 
-def _local_zscore(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def local_zscore(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """(v - mean) / std of each value over its own window ``values[lo:hi]`` (O(N))."""
     values = values.astype(np.float64, copy=False)
     cumulative = np.concatenate(([0.0], np.cumsum(values)))

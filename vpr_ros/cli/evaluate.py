@@ -39,7 +39,7 @@ from vpr_ros import logger
 from vpr_ros.cli.common import parse_with_params_file, run_cli
 from vpr_ros.config import add_arguments, conf_from_args
 from vpr_ros.errors import ConfigError
-from vpr_ros.evaluation import METHODS, RERANKED, RETRIEVAL, SEQUENCE, method_confs
+from vpr_ros.evaluation import FILTER, METHODS, RERANKED, RETRIEVAL, SEQUENCE, method_confs
 from vpr_ros.ground_truth import (
     GROUND_TRUTHS,
     GroundTruthConf,
@@ -53,9 +53,11 @@ from vpr_ros.results import ScoringConf
 
 # --mode names groups of methods.
 MODES = {
+    'filter': (FILTER,),
     'single': (RETRIEVAL, RERANKED),
     'sequence': (SEQUENCE,),
     'both': (RETRIEVAL, RERANKED, SEQUENCE),
+    'all': (RETRIEVAL, RERANKED, SEQUENCE, FILTER),
 }
 # Settings the command decides: the mode by --mode/--methods, the sequence matcher's answers
 # by the largest N of Recall@N; min_confidence does not matter to a PR curve over all
@@ -136,9 +138,10 @@ def make_parser() -> argparse.ArgumentParser:
     methods.add_argument(
         '--mode',
         choices=list(MODES),
-        default='single',
-        help='single: retrieval and re-ranked single frames; sequence: sequence matching over '
-        'every query in name order; both: all three',
+        default='filter',
+        help="filter: the place filter over every query in name order (the node's default); "
+        'single: retrieval and re-ranked single frames; sequence: sequence matching over '
+        'every query in name order; both: single and sequence; all: all four',
     )
     methods.add_argument(
         '--methods',

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
+from nav_msgs.msg import Odometry
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
@@ -124,10 +125,18 @@ class RelocalizeNodeConf(Conf):
         'them, verifying re-rankers estimate the relative pose of verified places; one value '
         'applies to every topic',
     )
+    odom_topic: str = option(
+        '',
+        "nav_msgs/Odometry topic that moves the place filter by the distance travelled ('': "
+        'none; the filter then moves along the map keyframe order). Gaps longer than '
+        'filter.odom_timeout_s fall back to that, with a warning',
+    )
     relocalization: RelocalizationConf = nested(RelocalizationConf, flatten=True)
     confidence_threshold: float = option(
-        0.3,
-        'Publish ~/pose when the best hypothesis has at least this confidence',
+        0.8,
+        'Publish ~/pose when the best hypothesis has at least this confidence (in filter '
+        'mode the probability that the robot is at that place; single mode confidences are '
+        'margins, for which about 0.3 suits)',
         min=0.0,
         max=1.0,
     )
@@ -293,6 +302,7 @@ class RelocalizeNode(Node):
         self._map_dir = conf.map_dir
         self._relocalizer = self._open_map(conf.map_dir)
         self._relocalizer.relocalize(np.zeros((480, 640, 3), np.uint8))  # warm-up: first frame
+        self._relocalizer.reset_sequences()  # the warm-up frame is not part of any history
         self.get_logger().info(
             f'map {conf.map_dir!r}: {len(self._relocalizer.database)} places, model '
             f'{self._model.identity().describe()} (loaded in {time.perf_counter() - start:.1f} s)'
@@ -353,6 +363,12 @@ class RelocalizeNode(Node):
             for camera, info_topic in enumerate(info_topics)
             if info_topic
         ]
+        # The newest odometry: (header stamp s, monotonic receipt s, position xyz).
+        self._odometry: tuple[float, float, np.ndarray] | None = None
+        if conf.odom_topic:
+            self.create_subscription(
+                Odometry, conf.odom_topic, self.odometry_callback, 50, callback_group=camera_group
+            )
         service_group = MutuallyExclusiveCallbackGroup()
         self.create_service(
             Trigger, '~/reload_map', self.reload_map_callback, callback_group=service_group
@@ -407,6 +423,24 @@ class RelocalizeNode(Node):
 
     def camera_info_callback(self, camera: int, msg: CameraInfo) -> None:
         self._intrinsics[camera] = camera_intrinsics(msg)
+
+    def odometry_callback(self, msg: Odometry) -> None:
+        position = msg.pose.pose.position
+        stamp = msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec
+        xyz = np.array([position.x, position.y, position.z])
+        self._odometry = (stamp, time.monotonic(), xyz)
+
+    def _odometry_at(self, frame_stamp: float, received: float) -> np.ndarray | None:
+        """The odometry position for a frame, or None when there is none recent enough (a
+        gap: the filter falls back to the keyframe order and warns)."""
+        odometry = self._odometry
+        if odometry is None:
+            return None
+        stamp, odometry_received, xyz = odometry
+        timeout = self.conf.relocalization.filter.odom_timeout_s
+        if frame_stamp > 0 and stamp > 0:
+            return xyz if abs(frame_stamp - stamp) <= timeout else None
+        return xyz if abs(received - odometry_received) <= timeout else None
 
     def reload_map_callback(
         self, request: Trigger.Request, response: Trigger.Response
@@ -573,8 +607,13 @@ class RelocalizeNode(Node):
         decoded = time.monotonic()
         with self._map_lock:
             relocalizer = self._relocalizer
+        frame_stamp = msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec
         result = relocalizer.relocalize(
-            rgb, stream=self._topics[pending.camera], camera=self._intrinsics[pending.camera]
+            rgb,
+            stream=self._topics[pending.camera],
+            camera=self._intrinsics[pending.camera],
+            stamp=frame_stamp if frame_stamp > 0 else None,
+            odometry_xyz=self._odometry_at(frame_stamp, pending.received),
         )
         relocalized = time.monotonic()
         hypotheses = result.hypotheses
