@@ -10,7 +10,9 @@ odometry or keyframe poses), and
    ``exclusion_s`` (camera stamps) or nearer along the trajectory than ``exclusion_m``
    (distance driven since). Those always look alike and close no loop;
 3. reports the confident matches (:class:`LoopClosure`: the query's stamp, the matched
-   place's stamp and id, the scores, and the relative pose when a verifier gives one);
+   place's stamp and id, the scores, and the relative pose when a verifier gives one), once
+   at least ``min_places`` places lie outside the recent past (a confidence is a margin over
+   competitors, and a handful of old places are too few to compete);
 4. adds the frame to the map when the keyframe rule keeps it (with the same descriptors).
 
 The map follows the SLAM back end's graph optimisation: :func:`update_place_poses` moves
@@ -62,6 +64,13 @@ class LoopClosureConf(Conf):
         'are the recent past and never matched',
         unit='m',
         min=0.0,
+        read_only=False,
+    )
+    min_places: int = option(
+        10,
+        'Loop closures are reported once at least this many places lie outside the recent '
+        'past: against fewer, a match has too few competitors for its confidence to mean much',
+        min=1,
         read_only=False,
     )
     keyframes: KeyframeConf = nested(KeyframeConf, flatten=True)
@@ -206,7 +215,8 @@ class LoopClosureDetector:
             self._last_pose = pose
         hypotheses: list[Hypothesis] = []
         excluded = self.excluded(stamp_ns)
-        if len(excluded) and not excluded.all():
+        matchable = len(excluded) - int(np.count_nonzero(excluded))
+        if matchable:
             result = self.relocalizer().relocalize_described(
                 image, descriptors, stream, camera, exclude=excluded
             )
@@ -220,7 +230,7 @@ class LoopClosureDetector:
                 trajectory_gap_m=float(self.travelled_m - self._odometer[h.place_index]),
             )
             for h in hypotheses
-            if h.confidence >= confidence_threshold
+            if h.confidence >= confidence_threshold and matchable >= self.conf.min_places
         ]
         added = False
         if pose is not None:
