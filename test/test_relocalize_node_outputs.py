@@ -471,3 +471,34 @@ def test_a_route_bag_that_closes_on_itself_gets_its_loop_closures_with_both_stam
             assert stamp - best.place_stamp_ns >= 10 * S  # never the recent past
             assert msg.header.frame_id == 'odom'
         assert harness.spin_until(lambda: harness.values().get('keyframes_added') == '26', 5.0)
+
+
+# -- diagnostics ---------------------------------------------------------------------------
+
+
+def test_one_bad_frame_warns_on_diagnostics_only_while_it_is_in_the_window(
+    route_map: Path,
+) -> None:
+    params = {**PARAMS, 'map_dir': str(route_map), 'diagnostics_window_s': 1.5}
+    with spun_node(params) as (_, harness):
+        wait_subscribed(harness)
+        drive(harness, [seen_at(1, T0)])
+        assert harness.spin_until(
+            lambda: harness.status is not None and harness.status.level == DiagnosticStatus.OK,
+            5.0,
+        )
+        bad = raw_msg(seen_at(1, T0 + S)[0], split_stamp(T0 + S))
+        bad.encoding = 'yuv422_weird'
+        harness.raw.publish(bad)
+        assert harness.spin_until(
+            lambda: (
+                harness.status.level == DiagnosticStatus.WARN
+                and 'skipped' in harness.status.message
+            ),
+            5.0,
+        ), harness.status
+        assert harness.values()['frames_skipped'] == '1'
+        # Once the bad frame is older than the window, the level is OK again; the count stays.
+        assert harness.spin_until(lambda: harness.status.level == DiagnosticStatus.OK, 5.0)
+        assert harness.values()['frames_skipped'] == '1'
+        assert harness.values()['frames_skipped_recently'] == '0'
