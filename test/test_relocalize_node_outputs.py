@@ -191,6 +191,54 @@ def test_on_change_sends_one_initialpose_when_relocalized_and_one_more_after_a_k
         assert harness.values()['pose_publications'] == '1 jump, 1 relocalized'
 
 
+def localizer_pose(place: int, stamp: int) -> PoseWithCovarianceStamped:
+    msg = PoseWithCovarianceStamped()
+    msg.header.stamp = stamp_msg(stamp)
+    msg.header.frame_id = 'test_map'
+    msg.pose.pose = pose_to_msg(route_pose(place))
+    return msg
+
+
+def test_under_supervision_only_a_kidnap_the_localizer_missed_is_published(
+    route_map: Path,
+) -> None:
+    params = {
+        **PARAMS,
+        'map_dir': str(route_map),
+        'localizer_pose_topic': '/amcl_pose',
+        'disagreement_m': 3.0,
+    }
+    with spun_node(params) as (_, harness):
+        amcl = harness.node.create_publisher(PoseWithCovarianceStamped, '/amcl_pose', 10)
+        wait_subscribed(harness)
+        assert harness.spin_until(lambda: amcl.get_subscription_count() > 0, 10.0)
+        t = T0 + 400 * S
+        # The localizer tracks the robot along places 2..5: no reason to publish.
+        for place in range(2, 6):
+            amcl.publish(localizer_pose(place, t))
+            harness.spin_for(0.1)
+            drive(harness, [seen_at(place, t)])
+            t += S
+        harness.spin_for(0.3)
+        assert not harness.poses
+        # Kidnapped to place 13; the localizer still believes place 5.
+        drive(harness, [seen_at(13, t)])
+        assert harness.spin_until(lambda: t in harness.poses, 5.0)
+        assert msg_to_pose(harness.poses[t].pose.pose) == route_pose(13)
+        kidnap = t
+        # The localizer takes the correction; the robot drives on: nothing more.
+        for place in (14, 15):
+            t += S
+            amcl.publish(localizer_pose(place, t))
+            harness.spin_for(0.1)
+            drive(harness, [seen_at(place, t)])
+        harness.spin_for(0.3)
+        assert list(harness.poses) == [kidnap]
+        assert harness.spin_until(
+            lambda: harness.values().get('pose_publications') == '1 disagreement', 5.0
+        ), harness.values()
+
+
 def test_the_relocalize_service_publishes_the_next_confident_answer_and_says_which(
     route_map: Path,
 ) -> None:

@@ -13,8 +13,8 @@
    hypotheses, and how many ``~/pose`` messages the node's ``pose_policy`` (``on_change``)
    published and why, against what ``every_frame`` would have published;
 7. with ``--dataset``: run the loop-closure detector (``vpr_ros.loop_closure``, what the node
-   runs with ``loop_closure.enabled``) along the whole route in driving order, and print the
-   closures it reports and what the route's end retrieves.
+   runs with ``loop_closure.enabled``) along the whole route in driving order, twice, and
+   print what the route's end retrieves and the closures of the second lap.
 
 This module stays ROS-free: everything that speaks ROS runs in the node processes.
 """
@@ -300,7 +300,11 @@ def report_pose_policy(
 
 
 def report_loop_closure(frames: Sequence[Frame], *, model: str, threads: int) -> None:
-    """Drive the route once through the loop-closure detector and print what it finds."""
+    """Drive the route twice through the loop-closure detector (the second lap sees every
+    place again with a viewpoint and lighting change) and print what it finds: the route's
+    own end, which comes back to its start, and the second lap."""
+    import numpy as np
+
     from vpr_ros.loop_closure import LoopClosureConf, LoopClosureDetector
     from vpr_ros.models import load_model
     from vpr_ros.pose_policy import PosePolicyConf
@@ -310,37 +314,52 @@ def report_loop_closure(frames: Sequence[Frame], *, model: str, threads: int) ->
     detector = LoopClosureDetector(
         load_model(model), conf, RelocalizationConf(), num_threads=threads
     )
+    n = len(frames)
+    lap_ns = frames[-1].stamp_ns - frames[0].stamp_ns + 2 * 10**9
+    rng = np.random.default_rng(1)
+    second = [
+        Frame(view_again(f.image, rng), f.stamp_ns + lap_ns, f.frame_id, f.pose, f.pose_frame_id)
+        for f in frames
+    ]
+    route = [*frames, *second]
     print(
-        f'\nloop closure along the route ({len(frames)} frames in driving order; recent past: '
-        f'younger than {conf.exclusion_s:g} s or nearer than {conf.exclusion_m:g} m driven; '
-        f'confidence >= {threshold:g}):'
+        f'\nloop closure, the route driven twice ({n} frames a lap; recent past: younger than '
+        f'{conf.exclusion_s:g} s or nearer than {conf.exclusion_m:g} m driven; confidence >= '
+        f'{threshold:g}):'
     )
-    closures, last_lines = [], []
-    stamp_index = {f.stamp_ns: i for i, f in enumerate(frames)}
-    for i, frame in enumerate(frames):
+    stamp_index = {f.stamp_ns: i for i, f in enumerate(route)}
+    closed: dict[int, int] = {}
+    end_lines = []
+    for i, frame in enumerate(route):
         result = detector.process(
             frame.image, frame.stamp_ns, frame.pose, confidence_threshold=threshold
         )
-        closures += result.closures
-        if i >= len(frames) - 4 and result.hypotheses and frame.pose is not None:
+        if result.closures:
+            closed[i] = stamp_index[result.closures[0].place_stamp_ns]
+        if n - 4 <= i < n and result.hypotheses:
             best = result.hypotheses[0]
             place = stamp_index[int(detector.database.places['stamp_ns'][best.place_index])]
-            distance = _distance_m(frame, frames[place])
-            last_lines.append(
+            end_lines.append(
                 f'  frame {i} (t={frame.stamp_ns / 1e9:.1f} s) retrieves frame {place} '
-                f'(t={frames[place].stamp_ns / 1e9:.1f} s, {distance:.1f} m away), '
-                f'confidence {best.confidence:.2f}'
+                f'(t={route[place].stamp_ns / 1e9:.1f} s, {_distance_m(frame, route[place]):.1f} '
+                f'm away), confidence {best.confidence:.2f}'
+                + (' -> closure' if result.closures else '')
             )
-    for closure in closures[:10]:
-        query, place = stamp_index[closure.query_stamp_ns], stamp_index[closure.place_stamp_ns]
+    print("  first lap, the route's end coming back to its start:")
+    print('\n'.join(end_lines))
+    first = {i: p for i, p in closed.items() if i < n}
+    again = {i: p for i, p in closed.items() if i >= n}
+    right = sum(_distance_m(route[i], route[p]) <= 10.0 for i, p in closed.items())
+    print(
+        f'  closures: {len(first)} in the first lap, {len(again)} of {n} frames in the second; '
+        f'{right} of {len(closed)} name a place within 10 m'
+    )
+    for i, place in list(again.items())[:3]:
         print(
-            f'  closure: frame {query} (stamp {closure.query_stamp_ns}) with frame {place} '
-            f'(stamp {closure.place_stamp_ns}), {_distance_m(frames[query], frames[place]):.1f} '
-            f'm apart, {closure.trajectory_gap_m:.0f} m driven between, confidence '
-            f'{closure.hypothesis.confidence:.2f}'
+            f'  frame {i} (stamp {route[i].stamp_ns}) closes with frame {place} (stamp '
+            f'{route[place].stamp_ns}, {(route[i].stamp_ns - route[place].stamp_ns) / 1e9:.0f} '
+            's earlier)'
         )
-    print(f"  closures reported: {len(closures)}; the route's end:")
-    print('\n'.join(last_lines))
 
 
 def _distance_m(a: Frame, b: Frame) -> float:
