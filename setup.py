@@ -13,7 +13,10 @@ setup(
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
-        ('share/' + package_name + '/config', glob('config/*.yaml') + glob('config/*.xml')),
+        (
+            'share/' + package_name + '/config',
+            glob('config/*.yaml') + glob('config/*.xml') + glob('config/*.rviz'),
+        ),
     ],
     python_requires='>=3.10',
     # rclpy and the message packages come from ROS 2 (a sourced install, or the

@@ -54,10 +54,11 @@ def console_scripts() -> dict[str, str]:
     raise AssertionError('setup.py declares no console_scripts')
 
 
-def launch_node_call() -> ast.Call:
+def launch_node_call(package: str = 'vpr_ros') -> ast.Call:
     nodes = calls(ast.parse(LAUNCH_FILE.read_text()), 'Node')
-    assert len(nodes) == 1, 'the launch file should start exactly one node'
-    return nodes[0]
+    ours = [n for n in nodes if literal(keywords(n)['package']) == package]
+    assert len(ours) == 1, f'the launch file should start exactly one {package} node'
+    return ours[0]
 
 
 def launch_arguments() -> dict[str, dict[str, ast.expr]]:
@@ -80,10 +81,9 @@ def test_launch_file_starts_an_executable_that_setup_py_installs() -> None:
 
 def test_launch_file_loads_the_installed_parameters_file() -> None:
     tree = ast.parse(LAUNCH_FILE.read_text())
-    joins = [c for c in calls(tree, 'join') if calls(c, 'get_package_share_directory')]
-    assert len(joins) == 1
-    share = calls(joins[0], 'get_package_share_directory')[0]
+    (share,) = calls(tree, 'get_package_share_directory')
     assert literal(share.args[0]) == 'vpr_ros'
+    joins = [c for c in calls(tree, 'join') if getattr(c.args[0], 'id', None) == 'share']
     relative = Path(*(literal(a) for a in joins[0].args[1:]))
     assert relative == Path('config') / CONFIG_FILE.name
     assert (ROOT / relative).is_file()
@@ -118,10 +118,11 @@ def test_launch_arguments_set_the_map_and_the_camera_topic() -> None:
     node = keywords(launch_node_call())
     overrides = [d for d in ast.walk(node['parameters']) if isinstance(d, ast.Dict)]
     keys = {literal(k) for d in overrides for k in d.keys}
-    assert keys == {'map_dir'} and keys <= set(SPECS)
-    remapped = [literal(pair.elts[0]) for pair in node['remappings'].elts]
-    # camera_topic is remapped onto the node's default camera topic.
-    assert remapped == SPECS['camera_topics'].default
+    assert keys == {'map_dir', 'use_sim_time'} and 'map_dir' in SPECS
+    # The remaps come from camera_remappings (tested below) with the camera arguments.
+    (remaps,) = calls(ast.parse(LAUNCH_FILE.read_text()), 'camera_remappings')
+    arguments = [literal(c.args[0]) for c in calls(remaps, 'LaunchConfiguration')]
+    assert arguments == ['params_file', 'camera_topic', 'camera_remaps']
 
 
 def flatten(values: dict, prefix: str = '') -> dict:
@@ -173,3 +174,82 @@ def test_launch_description_builds_where_launch_ros_is_installed() -> None:
     assert len(nodes) == 1
     names = {argument.name for argument in description.get_launch_arguments()}
     assert {'map_dir', 'camera_topic', 'params_file'} <= names
+
+
+def test_launch_arguments_cover_namespace_sim_time_log_level_and_camera_remaps() -> None:
+    arguments = launch_arguments()
+    assert {'namespace', 'use_sim_time', 'log_level', 'camera_remaps', 'rviz'} <= set(arguments)
+    assert literal(arguments['use_sim_time']['default_value']) == 'false'
+    node = keywords(launch_node_call())
+    assert [literal(c.args[0]) for c in calls(node['namespace'], 'LaunchConfiguration')] == [
+        'namespace'
+    ]
+    arguments_passed = [
+        literal(c.args[0]) for c in calls(node['arguments'], 'LaunchConfiguration')
+    ]
+    assert arguments_passed == ['log_level']
+    overrides = [d for d in ast.walk(node['parameters']) if isinstance(d, ast.Dict)]
+    assert {'map_dir', 'use_sim_time'} == {literal(k) for d in overrides for k in d.keys}
+
+
+def write_params(path: Path, parameters: dict, key: str = NODE_NAME) -> Path:
+    path.write_text(yaml.safe_dump({key: {'ros__parameters': parameters}}))
+    return path
+
+
+def test_camera_topic_remaps_the_first_camera_the_params_file_names(tmp_path: Path) -> None:
+    from vpr_ros.nodes.launch_args import camera_remappings
+
+    assert camera_remappings(CONFIG_FILE, '/camera/image_raw') == [('image', '/camera/image_raw')]
+    # A params_file with its own cameras: camera_topic still lands, on its first camera.
+    params = write_params(tmp_path / 'two.yaml', {'camera_topics': ['front', 'rear']})
+    assert camera_remappings(params, '/cam/front', 'rear:=/cam/rear') == [
+        ('front', '/cam/front'),
+        ('rear', '/cam/rear'),
+    ]
+    # Under a namespace, and with nested parameters, the node's section is still found.
+    nested = tmp_path / 'ns.yaml'
+    nested.write_text(
+        yaml.safe_dump({'/robot1/relocalize': {'ros__parameters': {'camera_topics': ['left']}}})
+    )
+    assert camera_remappings(nested, '/robot1/left_cam') == [('left', '/robot1/left_cam')]
+
+
+@pytest.mark.parametrize(
+    ('remaps', 'expected'),
+    [
+        ('side:=/cam/side', "camera_remaps names 'side', but the node subscribes to the cameras"),
+        ('front=/cam/front', "is not 'name:=topic'"),
+    ],
+)
+def test_a_camera_remap_the_node_cannot_use_is_refused(
+    tmp_path: Path, remaps: str, expected: str
+) -> None:
+    from vpr_ros.errors import ConfigError
+    from vpr_ros.nodes.launch_args import camera_remappings
+
+    params = write_params(tmp_path / 'p.yaml', {'camera_topics': ['front']})
+    with pytest.raises(ConfigError, match=expected):
+        camera_remappings(params, '', remaps)
+
+
+def test_the_rviz_config_shows_the_node_outputs_and_is_installed() -> None:
+    rviz = ROOT / 'config' / 'relocalize.rviz'
+    config = yaml.safe_load(rviz.read_text())
+    displays = {d['Class']: d for d in config['Visualization Manager']['Displays']}
+    topics = {cls: d['Topic']['Value'] for cls, d in displays.items() if 'Topic' in d}
+    assert topics == {
+        'rviz_default_plugins/MarkerArray': 'relocalize/map_places',
+        'rviz_default_plugins/PoseArray': 'relocalize/hypothesis_poses',
+        'rviz_default_plugins/PoseWithCovariance': 'relocalize/pose',
+    }
+    # The map places are latched: RViz must ask for transient local to get them.
+    marker_qos = displays['rviz_default_plugins/MarkerArray']['Topic']
+    assert marker_qos['Durability Policy'] == 'Transient Local'
+    assert "glob('config/*.rviz')" in (ROOT / 'setup.py').read_text()
+    (rviz_node,) = [
+        n
+        for n in calls(ast.parse(LAUNCH_FILE.read_text()), 'Node')
+        if literal(keywords(n)['package']) == 'rviz2'
+    ]
+    assert 'condition' in keywords(rviz_node)

@@ -41,6 +41,20 @@ def test_single_frame_hypotheses_are_re_ranked_best_first(default_model, route_m
     assert {'extract', 'retrieve', 'rerank'} <= set(result.timings)
 
 
+def test_excluded_places_are_passed_over_and_retrieval_reaches_past_them(
+    default_model, route_map
+) -> None:
+    relocalizer = Relocalizer(default_model, route_map, {'top_k': 4, 'rerank_k': 2})
+    query = viewed_again(synthetic_place(7, SIZE))
+    exclude = np.zeros(ROUTE, bool)
+    exclude[[7, *relocalizer.relocalize(query).candidates[1:3]]] = True
+    described = relocalizer.describe(query)
+    result = relocalizer.relocalize_described(query, described, exclude=exclude)
+    assert len(result.candidates) == 4  # still top_k, from further down the ranking
+    assert not exclude[result.candidates].any()
+    assert all(not exclude[h.place_index] for h in result.hypotheses)
+
+
 def test_without_re_ranking_the_global_similarity_orders(default_model, route_map) -> None:
     relocalizer = Relocalizer(default_model, route_map, {'top_k': 6, 'rerank_k': 0})
     result = relocalizer.relocalize(viewed_again(synthetic_place(3, SIZE)))

@@ -66,6 +66,9 @@ PARAMS = {
     'top_k': 5,
     'rerank_k': 4,
     'confidence_threshold': THRESHOLD,
+    # Every confident frame gets its ~/pose here, so each answer's pose can be checked; the
+    # default policy (on_change) is tested in test_relocalize_node_outputs.py.
+    'pose_policy': 'every_frame',
     'pose_covariance': COVARIANCE,
     'map_frame_id': 'test_map',
     'max_rate_hz': 0.0,

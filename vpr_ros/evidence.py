@@ -158,7 +158,6 @@ class SingleFrameEvidence:
         self.competitor_radius_m = conf.competitor_radius_m
         self.noise_floor = conf.noise_floor
         self.needs = frozenset({RETRIEVAL, RERANK} if conf.rerank_k > 0 else {RETRIEVAL})
-        self._positions = database.poses[:, :3]
 
     def update(self, observation: Observation) -> list[Hypothesis]:
         ids, global_scores = observation.candidates, observation.global_scores
@@ -169,9 +168,10 @@ class SingleFrameEvidence:
             scores = np.asarray(rerank_scores, np.float64)
         else:
             scores = np.clip(global_scores, 0, None)
+        # Read from the map each frame: a live map grows, and an optimised path moves places.
         conf = confidences(
             scores,
-            self._positions[ids],
+            self.database.poses_of(ids)[:, :3],
             competitor_radius_m=self.competitor_radius_m,
             noise_floor=self.noise_floor,
         )

@@ -36,6 +36,7 @@ from vpr_ros.sequence import SequenceConf, patch_normalised_descriptor
 from vpr_ros.types import Frame, SkipCounter
 
 if TYPE_CHECKING:
+    from vpr_ros.extraction import Descriptors
     from vpr_ros.models.base import VprModel
 
 
@@ -226,8 +227,13 @@ class MapBuilder:
             self.traverse += 1
         self.selector.reset()
 
-    def offer(self, frame: Frame) -> bool:
-        """Consider one frame; returns whether it was kept as a keyframe."""
+    def offer(self, frame: Frame, descriptors: Descriptors | None = None) -> bool:
+        """Consider one frame; returns whether it was kept as a keyframe.
+
+        ``descriptors``: the frame's own (a batch of one), when it was described already
+        (e.g. to query the map with it): a keyframe then joins the map at once, without a
+        second forward pass. Otherwise keyframes wait for a full batch.
+        """
         if not self.selector.accept(frame.stamp_ns, frame.pose):
             return False
         sequence = None
@@ -242,6 +248,10 @@ class MapBuilder:
             name: keypoints.extract_rows([frame.image])[0]
             for name, keypoints in self.keypoint_models.items()
         }
+        if descriptors is not None:
+            self.flush()
+            self._add([(frame, sequence, stores)], descriptors)
+            return True
         small = replace(frame, image=self.model.preprocessing.resize(frame.image))
         self._pending.append((small, sequence, stores))
         if len(self._pending) >= self.extractor.batch_size:
@@ -253,17 +263,24 @@ class MapBuilder:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        frames = [frame for frame, _, _ in pending]
-        descriptors = self.extractor.extract([f.image for f in frames])
+        self._add(pending, self.extractor.extract([frame.image for frame, _, _ in pending]))
+
+    def _add(
+        self,
+        keyframes: Sequence[tuple[Frame, np.ndarray | None, dict[str, np.ndarray]]],
+        descriptors: Descriptors,
+    ) -> None:
+        """Add described keyframes (frame, sequence descriptor, verifier store rows)."""
+        frames = [frame for frame, _, _ in keyframes]
         rows = place_records(
             frames, first_id=self.database.next_place_id(), traverse=self.traverse
         )
         local = descriptors.local_features if self.database.local_features is not None else None
         sequence = None
         if self.database.sequence_conf is not None:
-            sequence = np.stack([s for _, s, _ in pending if s is not None])
+            sequence = np.stack([s for _, s, _ in keyframes if s is not None])
         stores = {
-            name: np.stack([rows_of[name] for _, _, rows_of in pending])
+            name: np.stack([rows_of[name] for _, _, rows_of in keyframes])
             for name in self.keypoint_models
         }
         self.database.add(

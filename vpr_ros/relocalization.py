@@ -81,18 +81,21 @@ class RelocalizationConf(Conf):
         'Local matches below this cosine similarity do not count in re-ranking (-1: all count)',
         min=-1.0,
         max=1.0,
+        read_only=False,
     )
     competitor_radius_m: float = option(
         10.0,
         'Hypotheses nearer than this to each other agree instead of competing for confidence',
         unit='m',
         min=0.0,
+        read_only=False,
     )
     noise_floor: float = option(
         0.05,
         'Re-ranking score unrelated images reach anyway; a best score near it is not trusted',
         min=0.0,
         max=1.0,
+        read_only=False,
     )
     mode: str = option(
         'filter',
@@ -243,11 +246,16 @@ class Relocalizer:
         stream: Hashable = 0,
         camera: CameraIntrinsics | None = None,
         *,
+        exclude: np.ndarray | None = None,
         stamp: float | None = None,
         odometry_xyz: np.ndarray | None = None,
     ) -> RelocalizationResult:
         """Hypotheses for a query already described (a batch of one), e.g. when one
-        description serves several pipelines; ``image`` feeds image-based stages."""
+        description serves several pipelines; ``image`` feeds image-based stages.
+
+        ``exclude``: (N,) bool over the map's places; retrieval never returns the places it
+        marks (e.g. the recent past, for loop closure).
+        """
         timings: dict[str, float] = {}
         started = time.perf_counter()
         needs = self.evidence.needs
@@ -255,7 +263,7 @@ class Relocalizer:
         global_scores = np.zeros(0, np.float32)
         query_global = descriptors.global_descriptors[0]
         if RETRIEVAL in needs:
-            candidates, global_scores = self.retrieve(query_global)
+            candidates, global_scores = self.retrieve(query_global, exclude)
             timings['retrieve'] = time.perf_counter() - started
         reranked: Reranked | None = None
         if self.reranker is not None:
@@ -299,11 +307,20 @@ class Relocalizer:
         timings[self.conf.mode] = time.perf_counter() - begun
         return RelocalizationResult(hypotheses, timings, candidates)
 
-    def retrieve(self, query_global: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The ``top_k`` candidates (place indices) and their global similarities."""
-        scores, ids = self.database.search(query_global[None], self.conf.top_k)
+    def retrieve(
+        self, query_global: np.ndarray, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``top_k`` candidates (place indices) and their global similarities; places
+        marked in ``exclude`` (N,) bool are passed over (the search reaches past them)."""
+        top_k = self.conf.top_k
+        excluded = int(np.count_nonzero(exclude)) if exclude is not None else 0
+        scores, ids = self.database.search(query_global[None], top_k + excluded)
         valid = ids[0] >= 0
-        return ids[0][valid], scores[0][valid]
+        ids, scores = ids[0][valid], scores[0][valid]
+        if exclude is not None:
+            keep = ~np.asarray(exclude, bool)[ids]
+            ids, scores = ids[keep], scores[keep]
+        return ids[:top_k], scores[:top_k]
 
     def match(self, query_global: np.ndarray, query_local: np.ndarray) -> RelocalizationResult:
         """Single-frame hypotheses for one query's descriptors (global (D,), local (L, C))."""

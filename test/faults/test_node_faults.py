@@ -59,7 +59,8 @@ PARAMS = {
     'rerank_k': 4,
     'max_rate_hz': 0.0,
     'num_threads': 1,
-    'diagnostics_period_s': 0.2,  # the WARN window is 10 periods: 2 s
+    'diagnostics_period_s': 0.2,
+    'diagnostics_window_s': 2.0,  # a WARN clears 2 s after its cause
 }
 
 

@@ -9,8 +9,12 @@
 4. start the ``relocalize`` node as its own process;
 5. play the query bag into it over DDS, one frame at a time, with the ``demo_client`` node
    (``vpr_ros.nodes.demo_client``, another process), which records what comes back;
-6. print R@1, the latency from publishing a frame to receiving its hypotheses, and the
-   first hypotheses.
+6. print R@1, the latency from publishing a frame to receiving its hypotheses, the first
+   hypotheses, and how many ``~/pose`` messages the node's ``pose_policy`` (``on_change``)
+   published and why, against what ``every_frame`` would have published;
+7. with ``--dataset``: run the loop-closure detector (``vpr_ros.loop_closure``, what the node
+   runs with ``loop_closure.enabled``) along the whole route in driving order, twice, and
+   print what the route's end retrieves and the closures of the second lap.
 
 This module stays ROS-free: everything that speaks ROS runs in the node processes.
 """
@@ -22,6 +26,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +56,9 @@ PHOTOS = [
 # The one real second viewpoint that ships: a stereo pair.
 REAL_SECOND_VIEW = {'motorcycle_left.png': 'motorcycle_right.png'}
 PLACE_SPACING_M = 8.0
+ROBOT_SPEED_MPS = 2.0
+"""Camera stamps follow a robot driving at this speed: the pose policy's belief advances
+along the map at up to max_speed_mps (3 m/s), so a slower robot makes no jumps."""
 FRAME_SIZE = (480, 640)  # height, width of the generated camera frames
 
 
@@ -106,19 +114,27 @@ def photo_route(seed: int = 0) -> tuple[list[Frame], list[Frame]]:
     for i, name in enumerate(PHOTOS):
         photo = _fit(load_image(folder / name))
         pose = Pose(i * PLACE_SPACING_M, 0.0, 0.0)
-        map_frames.append(Frame(photo, 10**9 + i * 10**9, 'camera', pose))
+        stamp = 10**9 + round(i * PLACE_SPACING_M / ROBOT_SPEED_MPS * 10**9)
+        map_frames.append(Frame(photo, stamp, 'camera', pose))
         if name in REAL_SECOND_VIEW:
             query = _fit(load_image(folder / REAL_SECOND_VIEW[name]))
         else:
             query = view_again(photo, rng)
         query_pose = Pose(pose.x + rng.uniform(-1, 1), rng.uniform(-1, 1), 0.0)
-        query_frames.append(Frame(query, 10**9 + i * 10**9, 'camera', query_pose))
+        query_frames.append(Frame(query, stamp, 'camera', query_pose))
     return map_frames, query_frames
 
 
 def dataset_route(path: Path) -> tuple[list[Frame], list[Frame]]:
     """A real route from ``data.csv`` (file,x,y,yaw) and its images: even frames are the
     map, odd frames the queries."""
+    frames = dataset_frames(path)
+    return frames[0::2], frames[1::2]
+
+
+def dataset_frames(path: Path) -> list[Frame]:
+    """Every frame of a real route in driving order, poses in 'map', stamped as a robot at
+    ``ROBOT_SPEED_MPS`` would see them."""
     from vpr_ros.imagefolders import load_image
 
     table = path / 'data.csv'
@@ -128,11 +144,16 @@ def dataset_route(path: Path) -> tuple[list[Frame], list[Frame]]:
         rows = [row for row in csv.reader(stream) if row and not row[0].startswith('#')]
     if rows and rows[0][0] == 'file':
         rows = rows[1:]
-    frames = []
-    for i, (name, x, y, yaw) in enumerate(rows):
+    frames: list[Frame] = []
+    driven_m, previous = 0.0, None
+    for name, x, y, yaw in rows:
         pose = Pose(float(x), float(y), 0.0, *_yaw_quaternion(float(yaw)))
-        frames.append(Frame(load_image(path / name), 10**9 + i * 500_000_000, 'camera', pose))
-    return frames[0::2], frames[1::2]
+        if previous is not None:
+            driven_m += math.dist((previous.x, previous.y), (pose.x, pose.y))
+        previous = pose
+        stamp = 10**9 + round(driven_m / ROBOT_SPEED_MPS * 10**9)
+        frames.append(Frame(load_image(path / name), stamp, 'camera', pose, 'map'))
+    return frames
 
 
 def _ros_env() -> dict[str, str]:
@@ -229,7 +250,122 @@ def run_demo(
         print(log_path.read_text()[-3000:], file=sys.stderr)
         raise VprError('the relocalize node published no hypotheses; its log is above')
     frames = list(read_frames([query_bag], IMAGE_TOPIC, POSE_TOPIC))  # with ground truth
-    return report(frames, answers, radius_m)
+    status = report(frames, answers, radius_m)
+    report_pose_policy(answers, log_path.read_text())
+    if dataset:
+        report_loop_closure(dataset_frames(dataset), model=model, threads=threads)
+    return status
+
+
+_PUBLISHED = re.compile(r'published ~/pose for the frame at (\d+)\.(\d+): .*: (\w+)[^:]*$')
+
+
+def pose_publications(log: str) -> list[tuple[int, str]]:
+    """(camera stamp, cause) of each ``~/pose`` the node's log says it published."""
+    found = []
+    for line in log.splitlines():
+        match = _PUBLISHED.search(line)
+        if match:
+            sec, nanosec, cause = match.groups()
+            found.append((int(sec) * 10**9 + int(nanosec), cause))
+    return found
+
+
+def report_pose_policy(
+    answers: Mapping[int, tuple[list[Hypothesis], float, bool]], log: str
+) -> None:
+    """How many poses the default policy (on_change) published and why, against
+    every_frame (every answer that reaches confidence_threshold)."""
+    from vpr_ros.pose_policy import PosePolicyConf
+
+    conf = PosePolicyConf()
+    threshold = conf.confidence_threshold
+    confident = sum(
+        1
+        for hypotheses, _, _ in answers.values()
+        if hypotheses and hypotheses[0].confidence >= threshold
+    )
+    published = pose_publications(log)
+    causes: dict[str, int] = {}
+    for _, cause in published:
+        causes[cause] = causes.get(cause, 0) + 1
+    why = ', '.join(f'{n} {cause}' for cause, n in sorted(causes.items())) or 'none'
+    print(
+        f'\n~/pose with pose_policy {conf.pose_policy}: {len(published)} published ({why}) '
+        f'for {len(answers)} frames; every_frame would have published {confident} '
+        f'(confidence >= {threshold:g})'
+    )
+    for stamp, cause in published[:5]:
+        print(f'  frame at {stamp / 1e9:.3f} s: {cause}')
+
+
+def report_loop_closure(frames: Sequence[Frame], *, model: str, threads: int) -> None:
+    """Drive the route twice through the loop-closure detector (the second lap sees every
+    place again with a viewpoint and lighting change) and print what it finds: the route's
+    own end, which comes back to its start, and the second lap."""
+    import numpy as np
+
+    from vpr_ros.loop_closure import LoopClosureConf, LoopClosureDetector
+    from vpr_ros.models import load_model
+    from vpr_ros.pose_policy import PosePolicyConf
+    from vpr_ros.relocalization import RelocalizationConf
+
+    conf, threshold = LoopClosureConf(), PosePolicyConf().confidence_threshold
+    detector = LoopClosureDetector(
+        load_model(model), conf, RelocalizationConf(), num_threads=threads
+    )
+    n = len(frames)
+    lap_ns = frames[-1].stamp_ns - frames[0].stamp_ns + 2 * 10**9
+    rng = np.random.default_rng(1)
+    second = [
+        Frame(view_again(f.image, rng), f.stamp_ns + lap_ns, f.frame_id, f.pose, f.pose_frame_id)
+        for f in frames
+    ]
+    route = [*frames, *second]
+    print(
+        f'\nloop closure, the route driven twice ({n} frames a lap; recent past: younger than '
+        f'{conf.exclusion_s:g} s or nearer than {conf.exclusion_m:g} m driven; confidence >= '
+        f'{threshold:g}):'
+    )
+    stamp_index = {f.stamp_ns: i for i, f in enumerate(route)}
+    closed: dict[int, int] = {}
+    end_lines = []
+    for i, frame in enumerate(route):
+        result = detector.process(
+            frame.image, frame.stamp_ns, frame.pose, confidence_threshold=threshold
+        )
+        if result.closures:
+            closed[i] = stamp_index[result.closures[0].place_stamp_ns]
+        if n - 4 <= i < n and result.hypotheses:
+            best = result.hypotheses[0]
+            place = stamp_index[int(detector.database.places['stamp_ns'][best.place_index])]
+            end_lines.append(
+                f'  frame {i} (t={frame.stamp_ns / 1e9:.1f} s) retrieves frame {place} '
+                f'(t={route[place].stamp_ns / 1e9:.1f} s, {_distance_m(frame, route[place]):.1f} '
+                f'm away), confidence {best.confidence:.2f}'
+                + (' -> closure' if result.closures else '')
+            )
+    print("  first lap, the route's end coming back to its start:")
+    print('\n'.join(end_lines))
+    first = {i: p for i, p in closed.items() if i < n}
+    again = {i: p for i, p in closed.items() if i >= n}
+    right = sum(_distance_m(route[i], route[p]) <= 10.0 for i, p in closed.items())
+    print(
+        f'  closures: {len(first)} in the first lap, {len(again)} of {n} frames in the second; '
+        f'{right} of {len(closed)} name a place within 10 m'
+    )
+    for i, place in list(again.items())[:3]:
+        print(
+            f'  frame {i} (stamp {route[i].stamp_ns}) closes with frame {place} (stamp '
+            f'{route[place].stamp_ns}, {(route[i].stamp_ns - route[place].stamp_ns) / 1e9:.0f} '
+            's earlier)'
+        )
+
+
+def _distance_m(a: Frame, b: Frame) -> float:
+    if a.pose is None or b.pose is None:
+        return math.nan
+    return math.dist((a.pose.x, a.pose.y), (b.pose.x, b.pose.y))
 
 
 def report(

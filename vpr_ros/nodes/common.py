@@ -5,8 +5,9 @@
   ``camera_transport(s)``, ``camera_qos`` and ``pose_qos`` parameters;
 * :func:`message_class`: the rclpy class of a message type name (``'nav_msgs/msg/Odometry'``);
 * :class:`NodeStats`: counters and recent stage timings a worker thread fills and the
-  diagnostics timer reads (the status level comes from a recent window, not from counters
-  since start); :func:`diagnostic_status` makes the ``/diagnostics`` message;
+  diagnostics timer reads, with the times of frame events (:class:`vpr_ros.health.EventWindow`):
+  the status level comes from a recent window, not from counters since start;
+  :func:`diagnostic_status` makes the ``/diagnostics`` message;
 * :func:`run_node`: spin a node until Ctrl-C or shutdown, exit with code 1 and a one-line
   ``cannot start: ...`` if it cannot start; the shipped Fast DDS profile is used unless the
   user set one (:mod:`vpr_ros.dds`).
@@ -35,6 +36,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from vpr_ros.dds import use_shipped_profile
 from vpr_ros.errors import VprError
+from vpr_ros.health import PROCESSED, SKIPPED, EventWindow, WindowCounts
 from vpr_ros.nodes.conversions import key_values
 from vpr_ros.poses import POSE_TYPES
 from vpr_ros.runtime import tune_malloc
@@ -95,8 +97,13 @@ class StatsSnapshot:
     skipped_total: int
     skipped_summary: str
     last_error: str
-    recent_skipped: SkipCounter
-    """Frames skipped within the window asked of ``snapshot``, by reason."""
+    recent: WindowCounts
+    """Frame events within the window asked of ``snapshot``."""
+
+    @property
+    def recent_skipped(self) -> SkipCounter:
+        """Frames skipped within the window, by reason."""
+        return self.recent.skipped
 
     def timing_values(self, total: str = 'latency') -> dict[str, float]:
         """Diagnostic values: median and 95th percentile of ``total``, median of each
@@ -113,25 +120,27 @@ class StatsSnapshot:
 class NodeStats:
     """Counters and recent timings shared by a worker thread and the diagnostics timer.
 
-    ``seconds`` holds, per stage, the times of the last :data:`LATENCY_WINDOW` frames; hold
-    ``lock`` to change anything directly.
+    ``seconds`` holds, per stage, the times of the last :data:`LATENCY_WINDOW` frames;
+    ``events`` the times of frame events (the node adds ``received`` and ``dropped``; skips
+    and processed frames are added here); hold ``lock`` to change anything directly.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.lock = threading.Lock()
         self.processed = 0
         self.skipped = SkipCounter()
         self.seconds: dict[str, deque[float]] = {}
         self.last_error = ''
-        self._rate_state = (time.monotonic(), 0)
-        self._recent: deque[tuple[float, str]] = deque(maxlen=10_000)  # (when, reason)
+        self.events = EventWindow(clock=clock)
+        self._clock = clock
+        self._rate_state = (clock(), 0)
 
     def error(self, reason: str, text: str) -> None:
         """Count one skipped frame under ``reason``; ``text`` becomes the last error."""
         with self.lock:
             self.skipped.add(reason)
             self.last_error = text
-            self._recent.append((time.monotonic(), reason))
+        self.events.add(SKIPPED, reason)
 
     def clear_error(self) -> None:
         """Forget the last error (after a successful reload)."""
@@ -145,19 +154,16 @@ class NodeStats:
             for stage, value in seconds.items():
                 window = self.seconds.setdefault(stage, deque(maxlen=LATENCY_WINDOW))
                 window.append(value)
+        self.events.add(PROCESSED)
 
     def snapshot(self, window_s: float = 10.0) -> StatsSnapshot:
         """The current values; the rate is over the time since the previous snapshot, the
         recent skips over the last ``window_s``."""
-        now = time.monotonic()
+        now = self._clock()
+        recent = self.events.counts(window_s)
         with self.lock:
             then, processed_then = self._rate_state
             self._rate_state = (now, self.processed)
-            while self._recent and self._recent[0][0] < now - window_s:
-                self._recent.popleft()
-            recent = SkipCounter()
-            for _, reason in self._recent:
-                recent.add(reason)
             return StatsSnapshot(
                 processed=self.processed,
                 rate_hz=(self.processed - processed_then) / max(now - then, 1e-9),
@@ -165,7 +171,7 @@ class NodeStats:
                 skipped_total=self.skipped.total,
                 skipped_summary=self.skipped.summary(),
                 last_error=self.last_error,
-                recent_skipped=recent,
+                recent=recent,
             )
 
 

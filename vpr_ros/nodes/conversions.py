@@ -8,22 +8,36 @@ the map frame; a hypothesis without a pose (a map built without poses) has NaN i
 camera's intrinsics, a verified place also carries the query camera's pose in the place
 camera's optical frame (``rel_x`` .. ``rel_qw``, metres when ``rel_metric`` is 1, else a unit
 direction; NaN when unknown) - e.g. a loop-closure constraint.
+
+The loop-closure table (``~/loop_closures``, :data:`LOOP_CLOSURE_DTYPE`) has the same
+columns plus the two stamps a SLAM back end needs to add the constraint: the query frame's
+(``query_sec``, ``query_nanosec``) and the matched place's source image's (``place_sec``,
+``place_nanosec``), as ``builtin_interfaces/Time`` splits them, and the distance driven
+between them (``trajectory_gap_m``, NaN for places of a map loaded from disk).
+
+The map's places go out as a ``visualization_msgs/MarkerArray`` (:func:`map_places_markers`):
+a sphere per place and a line per traverse in keyframe order.
 """
 
 from __future__ import annotations
 
 import array
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from diagnostic_msgs.msg import KeyValue
 from geometry_msgs.msg import Point, PoseArray, PoseWithCovarianceStamped, Quaternion
 from geometry_msgs.msg import Pose as PoseMsg
+from nav_msgs.msg import Path
 from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
-from std_msgs.msg import Header
+from std_msgs.msg import ColorRGBA, Header
+from visualization_msgs.msg import Marker, MarkerArray
 
 from vpr_ros.types import CameraIntrinsics, Hypothesis, Pose, RelativePose
+
+if TYPE_CHECKING:
+    from vpr_ros.loop_closure import LoopClosure
 
 # The pose columns of vpr_ros.database.PLACE_DTYPE; not imported from there, because that
 # module loads faiss and torch, and readers of the table need neither.
@@ -45,6 +59,19 @@ HYPOTHESIS_DTYPE = np.dtype(
 """One row of the hypothesis table (137 bytes): map pose x y z qx qy qz qw, place id, scores,
 confidence, RANSAC inliers (-1: not verified), the query's relative pose rel_x .. rel_qw, its
 essential-matrix inliers and whether it is metric."""
+
+LOOP_CLOSURE_DTYPE = np.dtype(
+    HYPOTHESIS_DTYPE.descr
+    + [
+        ('query_sec', '<i4'),
+        ('query_nanosec', '<u4'),
+        ('place_sec', '<i4'),
+        ('place_nanosec', '<u4'),
+        ('trajectory_gap_m', '<f4'),
+    ]
+)
+"""One row of the loop-closure table: a hypothesis row (the matched place) and the query's
+and the place's stamps (sec, nanosec), and the distance driven between them."""
 
 # PointField datatype <-> numpy kind and size (PointField has no 64-bit integers).
 _POINTFIELD_DTYPES: dict[int, str] = {
@@ -275,3 +302,89 @@ def key_values(values: Mapping[str, Any]) -> list[KeyValue]:
         KeyValue(key=key, value=f'{value:.4g}' if isinstance(value, float) else str(value))
         for key, value in values.items()
     ]
+
+
+def split_stamp(stamp_ns: int) -> tuple[int, int]:
+    """Int nanoseconds as ``builtin_interfaces/Time`` (sec, nanosec)."""
+    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    return sec, nanosec
+
+
+def loop_closures_to_cloud(closures: Sequence[LoopClosure], header: Header) -> PointCloud2:
+    """The loop-closure table message: one point per closure, best first."""
+    hypotheses = hypotheses_to_table([c.hypothesis for c in closures])
+    table = np.zeros(len(closures), LOOP_CLOSURE_DTYPE)
+    for name in HYPOTHESIS_DTYPE.names or ():
+        table[name] = hypotheses[name]
+    for row, closure in zip(table, closures):
+        row['query_sec'], row['query_nanosec'] = split_stamp(closure.query_stamp_ns)
+        row['place_sec'], row['place_nanosec'] = split_stamp(closure.place_stamp_ns)
+        row['trajectory_gap_m'] = closure.trajectory_gap_m
+    msg = array_to_cloud(table, header)
+    msg.is_dense = all(c.hypothesis.pose is not None for c in closures)
+    return msg
+
+
+def loop_closures_from_cloud(msg: PointCloud2) -> list[LoopClosure]:
+    """Read a loop-closure table back, best first (``place_index`` is -1, as in
+    :func:`hypotheses_from_cloud`).
+
+    Raises:
+        ValueError: the cloud lacks a field of :data:`LOOP_CLOSURE_DTYPE`.
+    """
+    from vpr_ros.loop_closure import LoopClosure
+
+    table = cloud_to_array(msg)
+    missing = [n for n in LOOP_CLOSURE_DTYPE.names or () if n not in (table.dtype.names or ())]
+    if missing:
+        msg_text = f'the cloud is not a loop-closure table: it lacks the fields {missing!r}'
+        raise ValueError(msg_text)
+    return [
+        LoopClosure(
+            query_stamp_ns=int(row['query_sec']) * 1_000_000_000 + int(row['query_nanosec']),
+            place_stamp_ns=int(row['place_sec']) * 1_000_000_000 + int(row['place_nanosec']),
+            hypothesis=hypothesis,
+            trajectory_gap_m=float(row['trajectory_gap_m']),
+        )
+        for row, hypothesis in zip(table, hypotheses_from_cloud(msg))
+    ]
+
+
+def path_poses(msg: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A ``nav_msgs/Path``'s pose stamps (M,) int64 ns and poses (M, 7) x y z qx qy qz qw."""
+    stamps = np.array([stamp_ns(p.header.stamp) for p in msg.poses], np.int64)
+    poses = np.array([msg_to_pose(p.pose).as_array() for p in msg.poses], np.float64)
+    return stamps, poses.reshape(-1, 7)
+
+
+PLACE_COLOR = ColorRGBA(r=0.1, g=0.6, b=1.0, a=0.9)
+TRAVERSE_COLOR = ColorRGBA(r=0.1, g=0.6, b=1.0, a=0.4)
+
+
+def map_places_markers(
+    positions: np.ndarray, traverses: np.ndarray, header: Header, *, scale_m: float = 0.6
+) -> MarkerArray:
+    """The map's places for RViz: a sphere per place with a pose (marker 0) and a line
+    through each traverse's places in keyframe order (marker 1 + traverse). A DELETEALL
+    comes first, so that a map that lost a traverse shows no stale line."""
+    markers = [Marker(header=header, ns='map_places', action=Marker.DELETEALL)]
+    known = np.isfinite(positions).all(axis=1)
+    spheres = Marker(header=header, ns='map_places', id=0, type=Marker.SPHERE_LIST)
+    spheres.scale.x = spheres.scale.y = spheres.scale.z = scale_m
+    spheres.pose.orientation.w = 1.0
+    spheres.color = PLACE_COLOR
+    spheres.points = [Point(x=float(x), y=float(y), z=float(z)) for x, y, z in positions[known]]
+    markers.append(spheres)
+    for traverse in np.unique(traverses[known]):
+        chain = positions[known & (traverses == traverse)]
+        if len(chain) < 2:
+            continue
+        line = Marker(
+            header=header, ns='map_traverses', id=1 + int(traverse), type=Marker.LINE_STRIP
+        )
+        line.scale.x = scale_m / 4
+        line.pose.orientation.w = 1.0
+        line.color = TRAVERSE_COLOR
+        line.points = [Point(x=float(x), y=float(y), z=float(z)) for x, y, z in chain]
+        markers.append(line)
+    return MarkerArray(markers=markers)

@@ -392,7 +392,13 @@ class KeypointReranker:
         self.database = database
         self.verification = verification or VerificationConf()
         self.model = keypoint_model(database.feature_store_settings[self.store])
-        self.rows = database.feature_stores[self.store]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The map's store rows, read live (a map grown place by place replaces them)."""
+        assert self.store is not None
+        rows: np.ndarray = self.database.feature_stores[self.store]
+        return rows
 
     @classmethod
     def check_map(cls, database: PlaceDatabase) -> None:
