@@ -18,6 +18,7 @@ from vpr_ros.cli.evaluate import main as evaluate_main
 from vpr_ros.database import PLACE_DTYPE, PlaceDatabase
 from vpr_ros.errors import ConfigError
 from vpr_ros.evaluation import (
+    FILTER,
     RERANKED,
     RETRIEVAL,
     SEQUENCE,
@@ -226,7 +227,10 @@ def test_evaluate_cli_scores_place_folders(dataset: Path, tmp_path: Path) -> Non
     )
     assert code == 0
     results = json.loads((tmp_path / 'results.json').read_text())
-    assert list(results['methods']) == [RETRIEVAL]
+    assert list(results['methods']) == [
+        RETRIEVAL,
+        FILTER,
+    ]  # --mode default; no re-ranking at --rerank-k 0
     assert results['methods'][RETRIEVAL]['recall_at_n']['R@1'] == 1.0
 
 

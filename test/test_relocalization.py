@@ -44,7 +44,9 @@ def test_single_frame_hypotheses_are_re_ranked_best_first(default_model, route_m
 def test_excluded_places_are_passed_over_and_retrieval_reaches_past_them(
     default_model, route_map
 ) -> None:
-    relocalizer = Relocalizer(default_model, route_map, {'top_k': 4, 'rerank_k': 2})
+    relocalizer = Relocalizer(
+        default_model, route_map, {'mode': 'single', 'top_k': 4, 'rerank_k': 2}
+    )
     query = viewed_again(synthetic_place(7, SIZE))
     exclude = np.zeros(ROUTE, bool)
     exclude[[7, *relocalizer.relocalize(query).candidates[1:3]]] = True
@@ -56,7 +58,9 @@ def test_excluded_places_are_passed_over_and_retrieval_reaches_past_them(
 
 
 def test_without_re_ranking_the_global_similarity_orders(default_model, route_map) -> None:
-    relocalizer = Relocalizer(default_model, route_map, {'top_k': 6, 'rerank_k': 0})
+    relocalizer = Relocalizer(
+        default_model, route_map, {'mode': 'single', 'top_k': 6, 'rerank_k': 0}
+    )
     result = relocalizer.relocalize(viewed_again(synthetic_place(3, SIZE)))
     assert len(result.hypotheses) == 6
     scores = [h.global_score for h in result.hypotheses]
@@ -133,8 +137,10 @@ def test_a_verifier_re_scores_the_best_re_ranked_places_and_publishes_them(
     default_model, route_map
 ) -> None:
     query = viewed_again(synthetic_place(7, SIZE))
-    plain = Relocalizer(default_model, route_map, {'top_k': 8, 'rerank_k': 6}).relocalize(query)
-    conf = {'top_k': 8, 'rerank_k': 6, 'verifier': 'mnn_ransac', 'verify_k': 2}
+    plain = Relocalizer(
+        default_model, route_map, {'mode': 'single', 'top_k': 8, 'rerank_k': 6}
+    ).relocalize(query)
+    conf = {'mode': 'single', 'top_k': 8, 'rerank_k': 6, 'verifier': 'mnn_ransac', 'verify_k': 2}
     result = Relocalizer(default_model, route_map, conf).relocalize(query)
     assert len(result.hypotheses) == 2 and result.best.place_index == 7
     assert all(h.inliers >= 0 for h in result.hypotheses)

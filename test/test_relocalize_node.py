@@ -66,6 +66,9 @@ PARAMS = {
     'top_k': 5,
     'rerank_k': 4,
     'confidence_threshold': THRESHOLD,
+    # Single frames: each frame's answer is checked on its own; the place filter (the
+    # default mode) is tested in test_relocalize_filter.py.
+    'mode': 'single',
     # Every confident frame gets its ~/pose here, so each answer's pose can be checked; the
     # default policy (on_change) is tested in test_relocalize_node_outputs.py.
     'pose_policy': 'every_frame',

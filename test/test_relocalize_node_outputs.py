@@ -61,6 +61,10 @@ PARAMS = {
     'top_k': 5,
     'rerank_k': 4,
     'competitor_radius_m': 4.0,
+    # Single frames: each frame's answer is checked on its own; the place filter (the
+    # default mode) is tested in test_relocalize_filter.py.
+    'mode': 'single',
+    'confidence_threshold': 0.3,
     'max_rate_hz': 0.0,
     'num_threads': 1,
     'diagnostics_period_s': 0.2,

@@ -33,6 +33,8 @@ def test_selavpr_map_answers_through_the_relocalize_node(tmp_path: Path) -> None
         'camera_qos': 'reliable',
         'top_k': 4,
         'rerank_k': 3,
+        'mode': 'single',  # one frame per place, each answered on its own
+        'confidence_threshold': 0.3,
         'max_rate_hz': 0.0,
         'num_threads': 1,
     }

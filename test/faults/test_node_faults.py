@@ -57,6 +57,7 @@ PARAMS = {
     # camera_qos: the default, sensor_data (best effort)
     'top_k': 5,
     'rerank_k': 4,
+    'mode': 'single',  # each fault's frame is answered on its own
     'max_rate_hz': 0.0,
     'num_threads': 1,
     'diagnostics_period_s': 0.2,

@@ -177,7 +177,9 @@ def relocalizer_recalls(model, split: VprSplit, conf: TrainConf) -> dict[str, fl
     rerank_k = conf.val_rerank_topk
     top_k = max(*conf.recall_values, rerank_k)
     database = build_reference_database(model, split.database.paths, progress=False)
-    relocalizer = Relocalizer(model, database, {'top_k': top_k, 'rerank_k': rerank_k})
+    relocalizer = Relocalizer(
+        model, database, {'mode': 'single', 'top_k': top_k, 'rerank_k': rerank_k}
+    )
     positives = split.positives(conf.val_pos_dist_m)
     predictions, scored = [], []
     for path, pos in zip(split.queries.paths, positives):

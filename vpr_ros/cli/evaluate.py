@@ -53,6 +53,7 @@ from vpr_ros.results import ScoringConf
 
 # --mode names groups of methods.
 MODES = {
+    'default': (RETRIEVAL, RERANKED, FILTER),
     'filter': (FILTER,),
     'single': (RETRIEVAL, RERANKED),
     'sequence': (SEQUENCE,),
@@ -138,10 +139,11 @@ def make_parser() -> argparse.ArgumentParser:
     methods.add_argument(
         '--mode',
         choices=list(MODES),
-        default='filter',
-        help="filter: the place filter over every query in name order (the node's default); "
-        'single: retrieval and re-ranked single frames; sequence: sequence matching over '
-        'every query in name order; both: single and sequence; all: all four',
+        default='default',
+        help="default: the place filter over every query in name order (the node's default) "
+        'beside retrieval and re-ranked single frames; filter: the filter alone; single: '
+        'retrieval and re-ranked single frames; sequence: sequence matching over every query '
+        'in name order; both: single and sequence; all: all four',
     )
     methods.add_argument(
         '--methods',
@@ -197,7 +199,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         RelocalizationConf, args, mode='single', rerank_k=min(args.rerank_k, args.top_k)
     )
     confs = method_confs(conf, args.methods or MODES[args.mode])
-    sequential = [name for name, c in confs.items() if c.mode != 'single']
+    # The filter takes spread-out queries as a robot's jumps (it relocalizes frame by frame
+    # then); the sequence matcher needs consecutive frames.
+    sequential = [name for name, c in confs.items() if c.mode == 'sequence']
     if args.limit is not None and sequential:
         msg = (
             f'--limit {args.limit!r} spreads the queries over the route, which breaks '

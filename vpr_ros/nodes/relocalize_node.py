@@ -559,12 +559,13 @@ class RelocalizeNode(LifecycleNode):
             self._configure()
         except Exception as err:  # whatever fails, the node stays up, unconfigured
             self._release()
-            self._configure_error = err
             known = isinstance(err, (VprError, OSError))
             text = f'cannot configure: {err if known else f"{type(err).__name__}: {err}"}'
             self.get_logger().error(text)
             with self._stats.lock:
                 self._stats.last_error = text
+            # Set last: the diagnostics timer reports the error once both are known.
+            self._configure_error = err
             return TransitionCallbackReturn.FAILURE
         self._stats.clear_error()
         self._lifecycle = 'inactive'
