@@ -279,6 +279,42 @@ def plot(results: dict[str, dict], output: Path) -> None:
     figure.savefig(output / 'pr_curves.png', dpi=100)
 
 
+def per_frame_cost(num_places: int = 100_000, frames: int = 12) -> dict[str, float]:
+    """Median milliseconds per frame at ``num_places`` generated places: today's sequence
+    matcher on the patch descriptor (64 x 32: D = 2,048) against the filter on the same
+    patch descriptor plus the default model's global one (D = 1,280), interleaved."""
+    from vpr_ros.place_filter import FilterConf, PlaceFilter
+    from vpr_ros.sequence import SequenceMatcher
+
+    rng = np.random.default_rng(0)
+
+    def unit_rows(count: int, dim: int) -> np.ndarray:
+        rows = rng.standard_normal((count, dim)).astype(np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    patch, global_ = unit_rows(num_places, 2048), unit_rows(num_places, 1280)
+    xyz = np.c_[3.0 * np.arange(num_places), np.zeros((num_places, 2))]
+    matcher = SequenceMatcher(patch, None, {'descriptor': 'global'})
+    place_filter = PlaceFilter({'patch': patch, 'global': global_}, np.zeros(num_places), xyz)
+    sequence_s, filter_s = [], []
+    for i in range(frames):
+        started = time.perf_counter()
+        matcher.update(patch[i])
+        sequence_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        place_filter.update({'patch': patch[i], 'global': global_[i]})
+        filter_s.append(time.perf_counter() - started)
+    sequence_ms = 1e3 * float(np.median(sequence_s[2:]))
+    filter_ms = 1e3 * float(np.median(filter_s[2:]))
+    return {
+        'places': num_places,
+        'sequence_ms': sequence_ms,
+        'filter_ms': filter_ms,
+        'ratio': filter_ms / sequence_ms,
+        'belief_bytes': float(place_filter._tracking.nbytes * 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--datasets', type=Path, default=Path('../shared/datasets'))
@@ -286,7 +322,19 @@ def main() -> None:
     parser.add_argument('--only', nargs='+', help='dataset names to run (default: all)')
     parser.add_argument('--limit', type=int, help='queries per dataset (a quick look)')
     parser.add_argument('--no-progress', action='store_true')
+    parser.add_argument(
+        '--cost-only', action='store_true', help='only the per-frame cost at 100,000 places'
+    )
     args = parser.parse_args()
+    cost = per_frame_cost()
+    print(
+        f'per frame at {cost["places"]:,} places: sequence matcher {cost["sequence_ms"]:.1f} ms, '
+        f'filter {cost["filter_ms"]:.1f} ms ({cost["ratio"]:.2f}x); belief '
+        f'{cost["belief_bytes"] / 1e6:.1f} MB (O(places))',
+        flush=True,
+    )
+    if args.cost_only:
+        return
     from vpr_ros.models import DEFAULT_MODEL, load_model
 
     args.output.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,10 @@ LOG = logging.getLogger(__name__)
 
 def logsumexp(values: np.ndarray) -> float:
     """log(sum(exp(values))) without overflow (numpy only: scipy is slow to import)."""
-    return float(np.logaddexp.reduce(np.ravel(values)))
+    peak = float(np.max(values))
+    if not math.isfinite(peak):
+        return peak
+    return peak + math.log(float(np.sum(np.exp(values - peak))))
 
 
 GLOBAL_SOURCE = 'global'
@@ -521,22 +524,28 @@ class PlaceFilter:
         for start, end in self._segments:
             arc = self._arc[start:end]
             mass = places[start:end]
-            if end - start == 1:
+            count = end - start
+            if count == 1:
                 moved[start] += mass[0]
                 continue
-            # Each place's mass lands around arc + distance, as a Gaussian over places.
-            target = arc + distance
-            reach = np.searchsorted(arc, [target.min() - 4 * sigma, target.max() + 4 * sigma])
-            lo, hi = int(reach[0]), int(max(reach[1], reach[0] + 1))
-            receivers = arc[lo:hi]
-            # Banded: only the receivers within 4 sigma matter; dense for short segments.
-            weights = np.exp(-0.5 * ((receivers[None, :] - target[:, None]) / sigma) ** 2)
-            total = weights.sum(axis=1, keepdims=True)
-            lost = total[:, 0] <= 1e-12
-            weights = np.divide(weights, total, out=np.zeros_like(weights), where=~lost[:, None])
-            moved[start + lo : start + hi] += mass @ weights
-            # Mass driven past the end of its traverse stays at the last place.
-            moved[end - 1] += mass[lost].sum()
+            # Each place's mass lands at arc + distance (a fractional place index; mass
+            # driven past the end of its traverse stays at the last place) ...
+            target = np.interp(arc + distance, arc, np.arange(count, dtype=np.float64))
+            low = np.floor(target).astype(np.int64)
+            high = np.minimum(low + 1, count - 1)
+            fraction = target - low
+            landed = np.bincount(low, mass * (1.0 - fraction), count)
+            landed += np.bincount(high, mass * fraction, count)
+            # ... spread by the odometry noise: a Gaussian over place indices (O(N K)).
+            hops = np.diff(arc)
+            spacing = float(np.median(hops[hops > 1e-3])) if np.any(hops > 1e-3) else 1.0
+            sigma_places = sigma / spacing
+            if sigma_places > 0.25:
+                reach = min(int(math.ceil(4.0 * sigma_places)), count - 1)
+                offsets = np.arange(-reach, reach + 1, dtype=np.float64)
+                kernel = np.exp(-0.5 * (offsets / sigma_places) ** 2)
+                landed = np.convolve(landed, kernel / kernel.sum(), mode='same')
+            moved[start:end] = landed
         out = np.r_[moved, off]
         with np.errstate(divide='ignore'):
             log_out: np.ndarray = np.log(out) + peak
