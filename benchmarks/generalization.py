@@ -283,7 +283,7 @@ def per_frame_cost(num_places: int = 100_000, frames: int = 12) -> dict[str, flo
     """Median milliseconds per frame at ``num_places`` generated places: today's sequence
     matcher on the patch descriptor (64 x 32: D = 2,048) against the filter on the same
     patch descriptor plus the default model's global one (D = 1,280), interleaved."""
-    from vpr_ros.place_filter import FilterConf, PlaceFilter
+    from vpr_ros.place_filter import PlaceFilter
     from vpr_ros.sequence import SequenceMatcher
 
     rng = np.random.default_rng(0)
