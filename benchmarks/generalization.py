@@ -50,7 +50,7 @@ from vpr_ros.metrics import (
     recall_at_100_precision,
     reliability_bins,
 )
-from vpr_ros.nodes.relocalize_node import RelocalizeNodeConf
+from vpr_ros.pose_policy import PosePolicyConf
 from vpr_ros.relocalization import RelocalizationConf, Relocalizer
 
 GRID = {
@@ -58,7 +58,7 @@ GRID = {
     'filter.keyframe_motion': ('viterbi', 'marginal'),
     'filter.switch_probability': (0.001, 0.05),
 }
-THRESHOLD = RelocalizeNodeConf().confidence_threshold
+THRESHOLD = PosePolicyConf().confidence_threshold  # the node's default
 
 
 class Dataset:
