@@ -66,6 +66,14 @@ class LoopClosureConf(Conf):
         min=0.0,
         read_only=False,
     )
+    confidence_threshold: float = option(
+        0.3,
+        'A match at least this confident is a loop closure (single-frame confidence: the '
+        'margin of its re-ranking score over the best competitor)',
+        min=0.0,
+        max=1.0,
+        read_only=False,
+    )
     min_places: int = option(
         10,
         'Loop closures are reported once at least this many places lie outside the recent '

@@ -307,10 +307,10 @@ def report_loop_closure(frames: Sequence[Frame], *, model: str, threads: int) ->
 
     from vpr_ros.loop_closure import LoopClosureConf, LoopClosureDetector
     from vpr_ros.models import load_model
-    from vpr_ros.pose_policy import PosePolicyConf
     from vpr_ros.relocalization import RelocalizationConf
 
-    conf, threshold = LoopClosureConf(), PosePolicyConf().confidence_threshold
+    conf = LoopClosureConf()
+    threshold = conf.confidence_threshold
     detector = LoopClosureDetector(
         load_model(model), conf, RelocalizationConf(), num_threads=threads
     )

@@ -1307,7 +1307,7 @@ class RelocalizeNode(LifecycleNode):
                 rgb,
                 stamp,
                 pose,
-                confidence_threshold=self.conf.outputs.confidence_threshold,
+                confidence_threshold=self.conf.loop_closure.closure.confidence_threshold,
                 frame_id=str(msg.header.frame_id),
                 pose_frame_id=pose_frame,
                 stream=self._topics[pending.camera],
