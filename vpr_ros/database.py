@@ -1374,7 +1374,12 @@ class PlaceDatabase:
     # -- integrity ----------------------------------------------------------------------
 
     def unusable_places(self) -> np.ndarray:
-        """Sorted indices of the places whose stored data was found damaged."""
+        """Sorted indices of the places whose stored data was found damaged (a file that
+        changed size since it was opened is found here: one fstat a segment)."""
+        for column in self._columns.values():
+            for segment in column.segments:
+                if segment.cached is None and not segment.bad:
+                    segment.check_size()
         version = self.integrity.version
         if version != self._unusable_version:
             found = [column.bad_rows() for column in self._columns.values()]
@@ -1814,7 +1819,9 @@ class PlaceDatabase:
             traverses={int(k): v for k, v in (manifest.get('traverses') or {}).items()},
         )
         database.integrity = integrity  # what the segments report to
-        integrity.chunks_total = sum(s.chunks for c in columns.values() for s in c.segments)
+        integrity.chunks_total = sum(  # what verify() checks: the files read lazily
+            s.chunks for c in columns.values() for s in c.segments if s.cached is None
+        )
         database._next_segment = int(manifest.get('next_segment', 1))
         return database
 
@@ -2005,6 +2012,12 @@ def _read_v1_index(path: Path, data: bytearray, conf: IndexConf, column: Column)
 def _link_or_copy(segment: Segment, target: Path) -> None:
     """Put an immutable segment file into a new generation: a hard link, or a copy of what
     the segment's open file holds (across file systems, or when its old name is gone)."""
+    if segment.bad or not segment.check_size():
+        msg = (
+            f'map file {str(segment.file)!r} changed or was damaged after it was read; '
+            'this map cannot be saved from it: rebuild the map'
+        )
+        raise DatabaseError(msg)
     try:
         os.link(segment.file, target)
         if os.stat(target).st_size == segment.entry['bytes']:

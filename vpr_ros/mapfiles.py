@@ -283,6 +283,8 @@ class Segment:
         if self.cached is not None:
             out[:] = self.cached[rows]
         elif len(rows):
+            if not self.check_size():
+                return self._zeros_for_damage(out)
             order = np.argsort(rows, kind='stable')
             ordered = rows[order]
             # Consecutive rows are read with one call.
@@ -301,6 +303,8 @@ class Segment:
         if self.cached is not None:
             return np.array(self.cached[start:stop])
         out = np.zeros((stop - start, *self.row_shape), self.dtype)
+        if stop > start and not self.check_size():
+            return self._zeros_for_damage(out)
         buffer = out.reshape(-1).view(np.uint8)
         step = max(1, _READ_BLOCK_BYTES // max(1, self.row_bytes))
         for first in range(start, stop, step):
@@ -355,6 +359,20 @@ class Segment:
             self._damaged('shrank after it was opened (overwritten?)')
             return None
         return data
+
+    def check_size(self) -> bool:
+        """Whether the file still has its manifest size (one fstat: a file rewritten in
+        place, e.g. by ``cp`` over a served map, usually changes size); else its rows are
+        marked unusable."""
+        try:
+            size = os.fstat(self._fd).st_size
+        except OSError as err:
+            self._damaged(f'cannot be read ({err})')
+            return False
+        if size != self.entry['bytes']:
+            self._damaged(f'changed size after it was opened ({size} bytes; overwritten?)')
+            return False
+        return True
 
     def _damaged(self, why: str) -> None:
         self._mark(0, self.rows, why)
