@@ -63,6 +63,8 @@ setup(
             'prune = vpr_ros.cli.prune:main',
             'convert_selavpr = vpr_ros.cli.convert_selavpr:main',
             'demo = vpr_ros.cli.demo:main',
+            'merge_maps = vpr_ros.cli.merge_maps:main',
+            'verify_map = vpr_ros.cli.verify_map:main',
             'bag_player = vpr_ros.nodes.bag_player:main',
         ],
     },

@@ -14,6 +14,7 @@ tile keys (a field of each place) itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,37 @@ class PositionPrior:
                 widest = float(np.linalg.eigvalsh((cov + cov.T) / 2.0).max())
                 radius = max(radius, sigmas * math.sqrt(max(widest, 0.0)))
         return cls(float(x), float(y), radius)
+
+    @classmethod
+    def from_navsat(
+        cls,
+        latitude: float,
+        longitude: float,
+        altitude: float,
+        position_covariance: Sequence[float] | None,
+        enu_origin: Sequence[float],
+        *,
+        sigmas: float = 3.0,
+        min_radius_m: float = 25.0,
+    ) -> PositionPrior:
+        """A prior from a ``sensor_msgs/NavSatFix`` (degrees, metres; its row-major 3x3 ENU
+        ``position_covariance`` in m^2, or None when unknown) in the frame of a map whose
+        poses came from NavSatFix (``PlaceDatabase.enu_origin``).
+
+        Raises:
+            ValueError: a fix or origin that is not finite.
+        """
+        from vpr_ros.geometry import LocalTangentPlane  # scipy: only when priors are used
+
+        if not np.isfinite([latitude, longitude, altitude]).all():
+            raise ValueError(f'NavSatFix {(latitude, longitude, altitude)!r} is not a fix')
+        east, north, _ = LocalTangentPlane(*enu_origin).to_enu(latitude, longitude, altitude)
+        covariance = None
+        if position_covariance is not None:
+            covariance = np.asarray(position_covariance, np.float64).reshape(3, 3)[:2, :2]
+        return cls.from_covariance(
+            float(east), float(north), covariance, sigmas=sigmas, min_radius_m=min_radius_m
+        )
 
 
 def tile_keys(x: np.ndarray, y: np.ndarray, tile_m: float) -> np.ndarray:
