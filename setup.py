@@ -47,6 +47,9 @@ setup(
         'test': ['pytest', 'pytest-timeout', 'ruff', 'mypy'],
         # Real photos for the demo's generated route (skimage ships them in its wheel).
         'demo': ['scikit-image'],
+        # Fleet scale (issue 14): the milvus retrieval engine (pymilvus talks to Milvus Lite,
+        # embedded, and to a Milvus server or cluster) and build_map over many bags on Ray.
+        'fleet': ['pymilvus>=2.4.2', 'milvus-lite>=2.4.0', 'ray>=2.9'],
     },
     zip_safe=True,
     maintainer='vpr_ros maintainers',

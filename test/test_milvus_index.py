@@ -88,3 +88,39 @@ def test_a_map_whose_collection_is_gone_is_a_clear_error(tmp_path: Path) -> None
 
     with pytest.raises(DatabaseError, match="no collection 'elsewhere'; rebuild"):
         PlaceDatabase.load(tmp_path / 'map', index_overrides={'milvus_collection': 'elsewhere'})
+
+
+def test_the_relocalize_node_answers_through_a_milvus_map(tmp_path: Path, default_model) -> None:
+    pytest.importorskip('rclpy')
+    from test_relocalize_node import (
+        PARAMS,
+        build_map,
+        next_stamp,
+        node_in_this_process,
+        place_pose,
+        query_image,
+        raw_msg,
+    )
+
+    from vpr_ros.nodes.conversions import hypotheses_from_cloud
+
+    built = build_map(default_model)
+    served = PlaceDatabase(
+        built.model,
+        built.global_descriptors,
+        built.places,
+        built.local_features,
+        strings=built.strings,
+        index_conf={'backend': 'milvus', 'milvus_index': 'FLAT'},
+    )
+    served.save(tmp_path / 'map')
+    served.index.close()  # the node opens Milvus Lite itself
+    manifest = PlaceDatabase.read_manifest(tmp_path / 'map')
+    assert manifest['index_state']['type'] == 'milvus' and manifest['index_files'] == []
+    with node_in_this_process({**PARAMS, 'map_dir': str(tmp_path / 'map')}) as harness:
+        for place in (2, 6):
+            cloud = harness.ask(harness.raw, raw_msg(query_image(place), next_stamp()))
+            hypotheses = hypotheses_from_cloud(cloud)
+            assert hypotheses[0].place_id == place
+            assert hypotheses[0].pose == place_pose(place)
+            assert len(hypotheses) == PARAMS['rerank_k']  # re-ranked locally, in the node
