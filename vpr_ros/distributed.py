@@ -127,8 +127,11 @@ def build_map_ray(
         ]
         try:
             results = ray.get(pending)
-        except ray.exceptions.RayTaskError as err:
-            raise err.as_instanceof_cause() from None
+        except ray.exceptions.RayTaskError as err:  # the task's own error (BagReadError...)
+            cause = getattr(err, 'cause', None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
         summary = BuildSummary()
         for result in results:
             summary.messages_read += result['messages_read']
