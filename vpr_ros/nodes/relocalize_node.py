@@ -378,7 +378,12 @@ class RelocalizeNode(Node):
         self.get_logger().info(f'relocalizing frames from {cameras}, QoS {conf.camera_qos}')
 
     def _open_map(self, map_dir: str) -> Relocalizer:
-        database = PlaceDatabase.load(map_dir, expected_model=self._model.identity())
+        # Sizes and headers now; chunk checksums in the background, so that start-up does
+        # not grow with the map (a failed chunk makes its places unusable, and is logged).
+        database = PlaceDatabase.load(
+            map_dir, expected_model=self._model.identity(), verify_checksums=False
+        )
+        database.verify_in_background()
         return Relocalizer(
             self._model, database, self.conf.relocalization, num_threads=self._num_threads
         )
