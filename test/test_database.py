@@ -336,3 +336,30 @@ def test_a_store_that_does_not_match_its_manifest_entry_is_rejected(tmp_path: Pa
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(DatabaseError, match="feature store 'kp' is"):
         PlaceDatabase.load(tmp_path / 'map')
+
+
+def test_an_append_writes_only_the_new_places_and_links_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / 'map'
+    random_map(10).save(path)
+    old = {f.name: f.stat().st_ino for f in column_files(path, 'local')}
+    loaded = PlaceDatabase.load(path)
+    more = random_map(3, seed=4)
+    places = more.places.copy()
+    places['place_id'] += loaded.next_place_id()
+    places['traverse'] = loaded.next_traverse()
+    for i in range(3):  # appends wait in memory as blocks, joined once at the save
+        loaded.add(
+            np.asarray(more.global_descriptors[i : i + 1]),
+            places[i : i + 1],
+            np.asarray(more.local_features[i : i + 1]),
+            strings=more.strings,
+        )
+    loaded.save(path)
+    files = column_files(path, 'local')
+    assert len(files) == 2  # the old segment, and one new one for the three places
+    assert files[0].stat().st_ino == old[files[0].name]  # the same file, hard-linked
+    assert np.load(files[1]).shape[0] == 3
+    again = PlaceDatabase.load(path)
+    assert len(again) == 13 and again.places['traverse'].tolist() == [0] * 10 + [1] * 3
+    manifest = PlaceDatabase.read_manifest(path)
+    assert set(manifest['traverses']) == {'0', '1'} and 'added' in manifest['traverses']['1']
