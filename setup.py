@@ -50,6 +50,9 @@ setup(
         'test': ['pytest', 'pytest-timeout', 'ruff', 'mypy'],
         # Real photos for the demo's generated route (skimage ships them in its wheel).
         'demo': ['scikit-image'],
+        # Fleet scale (issue 14): the milvus retrieval engine (pymilvus talks to Milvus Lite,
+        # embedded, and to a Milvus server or cluster) and build_map over many bags on Ray.
+        'fleet': ['pymilvus>=2.4.2', 'milvus-lite>=2.4.0', 'ray>=2.9'],
     },
     zip_safe=True,
     maintainer='vpr_ros maintainers',
@@ -66,6 +69,8 @@ setup(
             'prune = vpr_ros.cli.prune:main',
             'convert_selavpr = vpr_ros.cli.convert_selavpr:main',
             'demo = vpr_ros.cli.demo:main',
+            'merge_maps = vpr_ros.cli.merge_maps:main',
+            'verify_map = vpr_ros.cli.verify_map:main',
             'bag_player = vpr_ros.nodes.bag_player:main',
         ],
     },

@@ -98,9 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         map_a = PlaceDatabase.load(map_dir)
         places = map_a.places.copy()
         places['place_id'] += B_OFFSET
-        PlaceDatabase(map_a.model, map_a.global_descriptors, places, map_a.local_features).save(
-            map_b
-        )
+        PlaceDatabase(
+            map_a.model,
+            map_a.global_descriptors,
+            places,
+            map_a.local_features,
+            strings=map_a.strings,
+        ).save(map_b)
         maps = [map_a, PlaceDatabase.load(map_b)]
 
         env = dict(

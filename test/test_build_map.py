@@ -215,7 +215,7 @@ def test_bags_on_the_command_line_replace_the_files_bags(tmp_path: Path, capsys)
     assert code == 0, capsys.readouterr().err
     database = PlaceDatabase.load(out)
     assert len(database) == 4
-    assert set(database.places['source']) == {str(on_command_line)}
+    assert set(database.place_strings('source')) == {str(on_command_line)}
 
 
 def test_the_shipped_build_map_parameters_file_is_valid(tmp_path: Path) -> None:

@@ -9,16 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import vpr_ros.database as database_module
 from vpr_ros.database import (
-    GLOBAL_FILE,
-    LOCAL_FILE,
     MANIFEST,
     PLACE_DTYPE,
     PlaceDatabase,
+    column_files,
     current_generation,
     place_records,
 )
 from vpr_ros.errors import DatabaseError
+from vpr_ros.mapfiles import Column
 from vpr_ros.models.base import ModelIdentity
 from vpr_ros.types import Frame, Pose
 
@@ -55,7 +56,7 @@ def test_save_then_load_gives_back_every_array_and_row(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.global_descriptors, database.global_descriptors)
     np.testing.assert_array_equal(loaded.local_features, database.local_features)
     assert loaded.places.dtype == PLACE_DTYPE
-    assert loaded.places['frame_id'][3] == 'map'
+    assert loaded.place_strings('frame_id')[3] == 'map'
     assert loaded.places['msg_index'][3] == 3
     assert loaded.pose(4) == Pose(4.0, 2.0, 0.0)
     scores, ids = loaded.search(database.global_descriptors[[7]], k=3)
@@ -63,11 +64,14 @@ def test_save_then_load_gives_back_every_array_and_row(tmp_path: Path) -> None:
     assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_local_features_are_memory_mapped_float16_on_request(tmp_path: Path) -> None:
-    random_map().save(tmp_path / 'map')
-    loaded = PlaceDatabase.load(tmp_path / 'map', mmap=True)
-    assert isinstance(loaded.local_features, np.memmap)
-    assert loaded.local_features.dtype == np.float16
+def test_local_features_stay_on_disk_and_are_read_row_by_row_as_float32(tmp_path: Path) -> None:
+    database = random_map()
+    database.save(tmp_path / 'map')
+    loaded = PlaceDatabase.load(tmp_path / 'map')
+    assert loaded.local_features is not None and not loaded.local_features.column.in_memory
+    rows = loaded.local_features[np.array([7, 2])]
+    assert rows.dtype == np.float32 and rows.shape == (2, 6, 4)
+    np.testing.assert_array_equal(rows, np.asarray(database.local_features)[[7, 2]])
 
 
 def test_append_keeps_old_places_and_numbers_the_new_traverse(tmp_path: Path) -> None:
@@ -116,7 +120,7 @@ def test_another_format_version_is_rejected(tmp_path: Path) -> None:
 
 def test_a_truncated_file_is_rejected(tmp_path: Path) -> None:
     random_map().save(tmp_path / 'map')
-    path = current_generation(tmp_path / 'map') / LOCAL_FILE
+    path = column_files(tmp_path / 'map', 'local')[0]
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DatabaseError, match='truncated'):
@@ -125,7 +129,7 @@ def test_a_truncated_file_is_rejected(tmp_path: Path) -> None:
 
 def test_a_corrupt_file_fails_its_checksum(tmp_path: Path) -> None:
     random_map().save(tmp_path / 'map')
-    path = current_generation(tmp_path / 'map') / GLOBAL_FILE
+    path = column_files(tmp_path / 'map', 'global')[0]
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -145,13 +149,19 @@ def test_a_missing_map_raises_file_not_found(tmp_path: Path) -> None:
         PlaceDatabase.load(tmp_path / 'nothing')
 
 
-def test_a_failed_save_leaves_the_old_map_intact(tmp_path: Path) -> None:
+def test_a_failed_save_leaves_the_old_map_intact(tmp_path: Path, monkeypatch) -> None:
     good = random_map(count=4)
     good.save(tmp_path / 'map')
     broken = random_map(count=4)
-    broken.local_features = object()  # cannot be written
+
+    def fail_at_the_index(step: str) -> None:
+        if step == 'write index':
+            raise OSError('disk on fire')
+
+    monkeypatch.setattr(database_module, 'FAULT_HOOK', fail_at_the_index)
     with pytest.raises(Exception):  # noqa: B017 - any failure will do
         broken.save(tmp_path / 'map')
+    monkeypatch.setattr(database_module, 'FAULT_HOOK', None)
     loaded = PlaceDatabase.load(tmp_path / 'map')
     assert len(loaded) == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.map')]
@@ -196,7 +206,7 @@ def test_a_stale_temporary_directory_does_not_block_saving(tmp_path: Path) -> No
         lambda m: m['model'].pop('local_dim'),
         lambda m: m.pop('files'),
         lambda m: m.__setitem__('local', None),
-        lambda m: m['files'].pop(GLOBAL_FILE),
+        lambda m: m['files'].pop(m['columns']['global']['segments'][0]['file']),
     ],
     ids=['no local_dim', 'no file list', 'local null', 'a file unlisted'],
 )
@@ -206,7 +216,7 @@ def test_a_malformed_manifest_is_a_database_error(tmp_path: Path, damage) -> Non
     manifest = json.loads(manifest_path.read_text())
     damage(manifest)
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(DatabaseError, match='malformed manifest|lists files'):
+    with pytest.raises(DatabaseError, match='malformed manifest|lists files|lists columns'):
         PlaceDatabase.load(tmp_path / 'map')
 
 
@@ -257,10 +267,11 @@ def map_with_store(count: int = 5, seed: int = 0) -> PlaceDatabase:
     base = random_map(count, seed)
     database = PlaceDatabase.empty(IDENTITY, feature_stores={'kp': (STORE_DTYPE, STORE_SETTINGS)})
     database.add(
-        base.global_descriptors,
+        np.asarray(base.global_descriptors),
         base.places,
-        base.local_features,
+        np.asarray(base.local_features),
         feature_stores={'kp': store_rows(count, seed)},
+        strings=base.strings,
     )
     return database
 
@@ -271,10 +282,13 @@ def test_feature_stores_survive_save_and_load_with_their_manifest_entry(tmp_path
     manifest = json.loads((current_generation(tmp_path / 'map') / MANIFEST).read_text())
     entry = manifest['feature_stores']['kp']
     assert entry['shape'] == [5] and entry['bytes_per_place'] == STORE_DTYPE.itemsize
-    assert entry['settings'] == STORE_SETTINGS and 'store_kp.npy' in manifest['files']
+    assert entry['settings'] == STORE_SETTINGS
+    assert [f.name.split('.')[0] for f in column_files(tmp_path / 'map', 'store_kp')] == [
+        'store_kp'
+    ]
     loaded = PlaceDatabase.load(tmp_path / 'map')
-    # Served from memory like every other array, so rewriting the files cannot hurt it.
-    assert not isinstance(loaded.feature_stores['kp'], np.memmap)
+    # Read from disk row by row, like the local features.
+    assert isinstance(loaded.feature_stores['kp'], Column)
     np.testing.assert_array_equal(loaded.feature_stores['kp'], database.feature_stores['kp'])
     assert loaded.feature_store_settings == {'kp': STORE_SETTINGS}
 
@@ -291,14 +305,15 @@ def test_adding_places_without_the_maps_stores_is_refused_and_changes_nothing() 
     places = more.places.copy()
     places['place_id'] += database.next_place_id()
     with pytest.raises(DatabaseError, match='add exactly the stores the map has'):
-        database.add(more.global_descriptors, places, more.local_features)
+        database.add(more.global_descriptors[:], places, more.local_features[:])
     wrong = np.zeros(2, np.dtype([('count', '<i4')]))
     with pytest.raises(DatabaseError, match="feature store 'kp' rows of"):
         database.add(
-            more.global_descriptors,
+            more.global_descriptors[:],
             places,
-            more.local_features,
+            more.local_features[:],
             feature_stores={'kp': wrong},
+            strings=more.strings,
         )
     assert len(database) == 5 and len(database.feature_stores['kp']) == 5
     assert database.index.ntotal == 5
@@ -321,3 +336,30 @@ def test_a_store_that_does_not_match_its_manifest_entry_is_rejected(tmp_path: Pa
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(DatabaseError, match="feature store 'kp' is"):
         PlaceDatabase.load(tmp_path / 'map')
+
+
+def test_an_append_writes_only_the_new_places_and_links_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / 'map'
+    random_map(10).save(path)
+    old = {f.name: f.stat().st_ino for f in column_files(path, 'local')}
+    loaded = PlaceDatabase.load(path)
+    more = random_map(3, seed=4)
+    places = more.places.copy()
+    places['place_id'] += loaded.next_place_id()
+    places['traverse'] = loaded.next_traverse()
+    for i in range(3):  # appends wait in memory as blocks, joined once at the save
+        loaded.add(
+            np.asarray(more.global_descriptors[i : i + 1]),
+            places[i : i + 1],
+            np.asarray(more.local_features[i : i + 1]),
+            strings=more.strings,
+        )
+    loaded.save(path)
+    files = column_files(path, 'local')
+    assert len(files) == 2  # the old segment, and one new one for the three places
+    assert files[0].stat().st_ino == old[files[0].name]  # the same file, hard-linked
+    assert np.load(files[1]).shape[0] == 3
+    again = PlaceDatabase.load(path)
+    assert len(again) == 13 and again.places['traverse'].tolist() == [0] * 10 + [1] * 3
+    manifest = PlaceDatabase.read_manifest(path)
+    assert set(manifest['traverses']) == {'0', '1'} and 'added' in manifest['traverses']['1']

@@ -117,7 +117,7 @@ def test_map_builder_saves_keyframes_on_request_and_on_shutdown(tmp_path: Path) 
         database = PlaceDatabase.load(map_dir)
         # Keyframes at 0, 1.2, 2.4 m.
         assert len(database) == 3
-        assert list(database.places['frame_id']) == ['odom'] * 3
+        assert list(database.place_strings('frame_id')) == ['odom'] * 3
         assert database.enu_origin is None  # odometry poses
         test_node.destroy_node()
     finally:
@@ -240,7 +240,7 @@ def test_navsat_maps_record_the_first_fix_and_appends_keep_that_origin(tmp_path:
     first_fix = LocalTangentPlane(*ORIGIN).to_geodetic(10.0, 0.0, 0.0)
     assert database.enu_origin == pytest.approx([float(v) for v in first_fix])
     np.testing.assert_allclose(database.places['x'], [0.0, 1.0, 2.0], atol=0.01)
-    assert list(database.places['frame_id']) == ['gps'] * 3
+    assert list(database.place_strings('frame_id')) == ['gps'] * 3
 
     with map_builder_in_this_process({**params, 'append': True}, CompressedImage) as feeder:
         feed_route(feeder, [20.0, 21.0], 5 * 10**9, first_place=3)

@@ -10,6 +10,7 @@ from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError, DatabaseError
 from vpr_ros.mapping import MapBuilder
 from vpr_ros.models import load_model
+from vpr_ros.priors import PositionPrior
 from vpr_ros.relocalization import Relocalizer
 from vpr_ros.types import Frame, Pose
 
@@ -66,6 +67,17 @@ def test_without_re_ranking_the_global_similarity_orders(default_model, route_ma
     scores = [h.global_score for h in result.hypotheses]
     assert scores == sorted(scores, reverse=True)
     assert np.isnan(result.best.rerank_score)
+
+
+def test_a_position_prior_keeps_the_answer_within_its_radius(default_model, route_map) -> None:
+    relocalizer = Relocalizer(default_model, route_map, {'top_k': 8, 'rerank_k': 5})
+    image = viewed_again(synthetic_place(7, SIZE))
+    assert relocalizer.relocalize(image).best.place_index == 7
+    # The robot says it is near place 15 (75 m): place 7 (35 m) is out of reach.
+    near = PositionPrior(75.0, 0.0, radius_m=12.0)
+    result = relocalizer.relocalize(image, prior=near)
+    assert {h.place_index for h in result.hypotheses} <= {13, 14, 15, 16, 17}
+    assert len(result.hypotheses) == 5
 
 
 def test_another_models_map_is_refused(route_map) -> None:

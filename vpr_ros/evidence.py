@@ -262,7 +262,7 @@ def sequence_setup(database: PlaceDatabase, conf: SequenceConf) -> tuple[Sequenc
         ConfigError: ``patch_norm`` on a map without sequence descriptors.
     """
     if conf.descriptor == 'global':
-        return conf, database.global_descriptors
+        return conf, np.asarray(database.global_descriptors, np.float32)
     if database.sequence_descriptors is None or database.sequence_conf is None:
         msg = (
             'sequence matching on patch-normalised pixels needs a map built with sequence '

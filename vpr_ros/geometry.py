@@ -5,7 +5,7 @@ Stamps are int nanoseconds, positions metres, quaternions ``(x, y, z, w)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeAlias
 
 import numpy as np
@@ -275,3 +275,27 @@ def rotation_angle_deg(q1: QuaternionLike, q2: QuaternionLike) -> float:
     r1 = Rotation.from_quat(_quaternion(q1))
     r2 = Rotation.from_quat(_quaternion(q2))
     return float(np.degrees((r1.inv() * r2).magnitude()))
+
+
+def rigid_transform(
+    translation: Sequence[float], yaw_deg: float = 0.0
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function moving (K, 7) poses x y z qx qy qz qw by a rotation of ``yaw_deg`` about
+    z followed by ``translation`` (x y z, metres); NaN poses stay NaN, and a pose without
+    orientation keeps none."""
+    rotation = Rotation.from_euler('z', float(yaw_deg), degrees=True)
+    shift = np.asarray(translation, np.float64).reshape(3)
+
+    def move(poses: np.ndarray) -> np.ndarray:
+        poses = np.asarray(poses, np.float64).reshape(-1, 7)
+        out = poses.copy()
+        out[:, :3] = rotation.apply(np.nan_to_num(poses[:, :3])) + shift
+        out[np.isnan(poses[:, 0]), :3] = np.nan
+        oriented = np.isfinite(poses[:, 3:]).all(axis=1) & (
+            np.linalg.norm(np.nan_to_num(poses[:, 3:]), axis=1) > 0
+        )
+        if oriented.any():
+            out[oriented, 3:] = (rotation * Rotation.from_quat(poses[oriented, 3:])).as_quat()
+        return out
+
+    return move

@@ -35,7 +35,8 @@ import faiss
 import numpy as np
 import torch
 
-from vpr_ros.database import PlaceDatabase, map_files, place_records
+from vpr_ros.codecs import VectorCodec
+from vpr_ros.database import DEFAULT_LOCAL_DTYPE, PlaceDatabase, map_files, place_records
 from vpr_ros.errors import ConfigError
 from vpr_ros.mapping import BuildConf
 from vpr_ros.models.base import VprModel
@@ -55,8 +56,9 @@ class Footprint:
     """Sizes of a model and of its map (MB = 10^6 bytes).
 
     ``global_mb_per_1000`` counts the global descriptors only (float32, 1,000 places), as
-    the pruning paper does; ``local_mb_per_1000`` the float16 local features that a
-    re-ranking map adds (at the model's preprocessing size); ``map_mb_per_1000`` the whole
+    the pruning paper does; ``local_mb_per_1000`` the local features that a re-ranking map
+    adds, as build_map stores them (int8 by default, ``vpr_ros.codecs``; at the model's
+    preprocessing size); ``map_mb_per_1000`` the whole
     map as ``build_map`` writes it with its default settings (place rows, global
     descriptors, local features, sequence descriptors, faiss index), measured on a map.
     """
@@ -87,7 +89,9 @@ def footprint(model: VprModel) -> Footprint:
         local_dim=int(model.local_dim),
         local_locations=locations,
         global_mb_per_1000=1000 * model.global_dim * 4 / MB,
-        local_mb_per_1000=1000 * locations * model.local_dim * 2 / MB,
+        local_mb_per_1000=1000
+        * VectorCodec(DEFAULT_LOCAL_DTYPE, model.local_dim).bytes_per_row((locations,))
+        / MB,
         map_mb_per_1000=1000 * map_bytes_per_place(model.identity(), grid) / MB,
     )
 

@@ -32,6 +32,7 @@ from vpr_ros.evidence import (
     PlaceEvidence,
 )
 from vpr_ros.place_filter import FilterConf
+from vpr_ros.priors import PositionPrior
 from vpr_ros.rerankers import RERANKERS, Reranked, Reranker, make_reranker
 from vpr_ros.rerankers.verification import VerificationConf
 from vpr_ros.sequence import SequenceConf, sequence_image_descriptors
@@ -220,6 +221,7 @@ class Relocalizer:
         stream: Hashable = 0,
         camera: CameraIntrinsics | None = None,
         *,
+        prior: PositionPrior | None = None,
         stamp: float | None = None,
         odometry_xyz: np.ndarray | None = None,
     ) -> RelocalizationResult:
@@ -227,14 +229,22 @@ class Relocalizer:
 
         ``stream`` names the camera the image comes from: modes with a history keep one
         per stream. ``camera``: its intrinsics, when known (verified places then carry the
-        query's relative pose). ``stamp`` (s) and ``odometry_xyz`` (the robot's odometry
-        position when the image was taken) feed the filter's motion model.
+        query's relative pose). ``prior``: retrieve only places within its radius (a GPS
+        fix, or a localizer's pose and covariance; ``vpr_ros.priors``). ``stamp`` (s) and
+        ``odometry_xyz`` (the robot's odometry position when the image was taken) feed the
+        filter's motion model.
         """
         start = time.perf_counter()
         descriptors = self.describe(image)
         extracted = time.perf_counter()
         result = self.relocalize_described(
-            image, descriptors, stream, camera, stamp=stamp, odometry_xyz=odometry_xyz
+            image,
+            descriptors,
+            stream,
+            camera,
+            prior=prior,
+            stamp=stamp,
+            odometry_xyz=odometry_xyz,
         )
         result.timings['extract'] = extracted - start
         return result
@@ -247,6 +257,7 @@ class Relocalizer:
         camera: CameraIntrinsics | None = None,
         *,
         exclude: np.ndarray | None = None,
+        prior: PositionPrior | None = None,
         stamp: float | None = None,
         odometry_xyz: np.ndarray | None = None,
     ) -> RelocalizationResult:
@@ -263,7 +274,7 @@ class Relocalizer:
         global_scores = np.zeros(0, np.float32)
         query_global = descriptors.global_descriptors[0]
         if RETRIEVAL in needs:
-            candidates, global_scores = self.retrieve(query_global, exclude)
+            candidates, global_scores = self.retrieve(query_global, exclude, prior=prior)
             timings['retrieve'] = time.perf_counter() - started
         reranked: Reranked | None = None
         if self.reranker is not None:
@@ -308,13 +319,18 @@ class Relocalizer:
         return RelocalizationResult(hypotheses, timings, candidates)
 
     def retrieve(
-        self, query_global: np.ndarray, exclude: np.ndarray | None = None
+        self,
+        query_global: np.ndarray,
+        exclude: np.ndarray | None = None,
+        *,
+        prior: PositionPrior | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``top_k`` candidates (place indices) and their global similarities; places
-        marked in ``exclude`` (N,) bool are passed over (the search reaches past them)."""
+        """The ``top_k`` candidates (place indices) and their global similarities: only
+        places within ``prior``'s radius, when given; places marked in ``exclude`` (N,)
+        bool are passed over (the search reaches past them)."""
         top_k = self.conf.top_k
         excluded = int(np.count_nonzero(exclude)) if exclude is not None else 0
-        scores, ids = self.database.search(query_global[None], top_k + excluded)
+        scores, ids = self.database.search(query_global[None], top_k + excluded, prior=prior)
         valid = ids[0] >= 0
         ids, scores = ids[0][valid], scores[0][valid]
         if exclude is not None:

@@ -263,7 +263,8 @@ def test_keyframes_wait_for_their_batch_at_the_model_input_size(default_model) -
     from vpr_ros.sequence import patch_normalised_descriptor
 
     expected = patch_normalised_descriptor([route(3, size=(1200, 1600))[2].image])[0]
-    np.testing.assert_allclose(builder.database.sequence_descriptors[2], expected, atol=1e-3)
+    stored = builder.database.sequence_descriptors[2]  # 6 bits a value: the same direction
+    assert float(stored @ expected) > 0.995
 
 
 def test_a_bag_whose_frames_all_fail_to_decode_does_not_blame_the_pose_topic(

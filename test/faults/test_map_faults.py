@@ -26,11 +26,13 @@ from vpr_ros.database import (
     LOCK_FILE,
     MANIFEST,
     PlaceDatabase,
+    column_files,
     current_generation,
     map_lock,
     place_records,
 )
 from vpr_ros.errors import DatabaseError
+from vpr_ros.mapfiles import chunk_digests
 from vpr_ros.models.identity import ModelIdentity
 from vpr_ros.types import Frame, Pose
 
@@ -168,15 +170,85 @@ def test_a_writer_killed_at_random_moments_never_leaves_an_unloadable_map(tmp_pa
         assert leftovers(path) == []
 
 
+def write_format_1(directory: Path, count: int, seed: int = 0) -> None:
+    """Write, into ``directory``, the files of a map of format version 1 exactly as vpr_ros
+    wrote them before segments: one npy file per array (fixed-width strings in the place
+    rows, float16 local features), a flat faiss index, one SHA-256 per file."""
+    import hashlib
+
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    descriptors = rng.standard_normal((count, IDENTITY.global_dim)).astype(np.float32)
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    frames = [
+        Frame(np.zeros((1, 1, 3), np.uint8), i, pose=Pose(i, 0.0, 0.0), source=f'bag{seed}')
+        for i in range(count)
+    ]
+    arrays = {
+        'places.npy': place_records(frames),
+        GLOBAL_FILE: descriptors,
+        LOCAL_FILE: rng.standard_normal((count, 6, IDENTITY.local_dim)).astype(np.float16),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        np.save(directory / name, array, allow_pickle=False)
+    index = faiss.IndexFlatIP(IDENTITY.global_dim)
+    index.add(descriptors)
+    faiss.write_index(index, str(directory / 'index.faiss'))
+    files = {
+        name: {
+            'bytes': (directory / name).stat().st_size,
+            'sha256': hashlib.sha256((directory / name).read_bytes()).hexdigest(),
+        }
+        for name in [*arrays, 'index.faiss']
+    }
+    manifest = {
+        'format': 'vpr_ros.place_database',
+        'format_version': 1,
+        'created': '2026-01-01T00:00:00Z',
+        'model': IDENTITY.to_dict(),
+        'place_count': count,
+        'global': {'dim': IDENTITY.global_dim, 'dtype': 'float32'},
+        'local': {'num_locations': 6, 'dim': IDENTITY.local_dim, 'dtype': 'float16', 'grid': None},
+        'sequence': None,
+        'enu_origin': None,
+        'feature_stores': {},
+        'index': {
+            'backend': 'faiss',
+            'type': 'flat',
+            'hnsw_m': 32,
+            'hnsw_ef_search': 128,
+            'ivf_nlist': 0,
+            'pq_m': 0,
+            'ivf_nprobe': 16,
+        },
+        'files': files,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
 def legacy_map(path: Path, count: int = 4) -> Path:
-    """A map as vpr_ros wrote them before generations: the files at the top."""
-    random_map(count).save(path)
-    generation = current_generation(path)
-    for file in generation.iterdir():
-        file.rename(path / file.name)
-    generation.rmdir()
-    (path / CURRENT).unlink()
+    """A map as vpr_ros wrote them before generations: format version 1, files at the top."""
+    write_format_1(path, count)
     return path
+
+
+def test_a_map_of_format_version_1_in_a_generation_loads_and_grows(tmp_path: Path) -> None:
+    """What the code before format version 2 wrote: CURRENT naming a generation."""
+    path = tmp_path / 'map'
+    write_format_1(path / 'gen-000001-0123abcd', 5, seed=3)
+    (path / CURRENT).write_text('gen-000001-0123abcd\n')
+    loaded = PlaceDatabase.load(path)
+    assert len(loaded) == 5 and loaded.place_strings('source')[0] == 'bag3'
+    query = np.asarray(loaded.global_descriptors[[2]])
+    assert loaded.search(query, 1)[1][0, 0] == 2
+    loaded.extend(random_map(2, seed=5))
+    loaded.save(path)
+    again = PlaceDatabase.load(path)
+    assert PlaceDatabase.read_manifest(path)['format_version'] == 2
+    assert len(again) == 7 and again.search(query, 1)[1][0, 0] == 2
+    np.testing.assert_array_equal(again.local_features[[4]], loaded.local_features[[4]])
 
 
 def test_a_map_of_the_first_layout_loads_and_the_next_save_converts_it(tmp_path: Path) -> None:
@@ -222,7 +294,7 @@ def test_map_directories_are_made_with_the_umask(tmp_path: Path) -> None:
     path = tmp_path / 'maps' / 'office'
     for directory in (path, current_generation(path)):
         assert directory.stat().st_mode & 0o777 == 0o755
-    assert (current_generation(path) / GLOBAL_FILE).stat().st_mode & 0o777 == 0o644
+    assert column_files(path, 'global')[0].stat().st_mode & 0o777 == 0o644
 
 
 HOLD_LOCK = textwrap.dedent(
@@ -277,13 +349,13 @@ def test_a_flipped_byte_in_the_manifest_is_a_database_error(tmp_path: Path) -> N
         PlaceDatabase.load(tmp_path / 'map')
 
 
-@pytest.mark.parametrize('mmap', [False, True])
+@pytest.mark.parametrize('column', ['global', 'local'])
 def test_an_npy_header_that_claims_a_huge_shape_is_refused_without_allocating(
-    tmp_path: Path, mmap: bool
+    tmp_path: Path, column: str
 ) -> None:
     path = tmp_path / 'map'
     random_map(4).save(path)
-    file = current_generation(path) / (LOCAL_FILE if mmap else GLOBAL_FILE)
+    file = column_files(path, column)[0]
     data = file.read_bytes()
     header_end = data.index(b'\n') + 1
     header = data[:header_end].decode('latin1')
@@ -291,13 +363,15 @@ def test_an_npy_header_that_claims_a_huge_shape_is_refused_without_allocating(
     huge = header.replace(f"'shape': ({shape})", "'shape': (10000000000, 10000)")
     huge = huge[: header_end - 1].ljust(header_end - 1) + '\n'  # keep the header length
     hacked = huge.encode('latin1') + data[header_end:]
+    file.unlink()  # a new file: the generation before shares the old one
     file.write_bytes(hacked)
     manifest_file = current_generation(path) / MANIFEST
     manifest = json.loads(manifest_file.read_text())
-    manifest['files'][file.name]['sha256'] = __import__('hashlib').sha256(hacked).hexdigest()
+    entry = manifest['files'][file.name]
+    entry['sha256'] = chunk_digests(hacked, entry['chunk_bytes'])
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(DatabaseError, match='rebuild the map'):
-        PlaceDatabase.load(path, mmap=mmap)
+        PlaceDatabase.load(path)
 
 
 def test_a_damaged_current_pointer_is_a_clear_error(tmp_path: Path) -> None:
@@ -323,6 +397,61 @@ def test_a_loaded_map_is_unaffected_when_its_files_are_overwritten_in_place(
     np.testing.assert_array_equal(served.local_features, expected)  # no SIGBUS, same data
     assert len(served.search(served.global_descriptors[:1], 3)[1][0]) == 3
     assert len(PlaceDatabase.load(path)) == 2  # the copied map, complete
+
+
+def test_a_served_maps_file_rewritten_in_place_makes_its_places_unusable_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / 'map'
+    random_map(6).save(path)
+    served = PlaceDatabase.load(path)
+    random_map(9, seed=9).save(tmp_path / 'other')
+    local = column_files(path, 'local')[0]
+    shutil.copyfile(column_files(tmp_path / 'other', 'local')[0], local)  # truncate, rewrite
+    rows = served.local_features[np.array([1, 4])]  # no SIGBUS: zeros, reported
+    assert not rows.any()
+    assert served.unusable_places().tolist() == list(range(6))
+    assert (
+        'changed size' in served.integrity.failures[0]
+        and 'unusable' in served.integrity.failures[0]
+    )
+    query = np.asarray(served.global_descriptors[[2]])
+    assert (served.search(query, 3)[1] == -1).all()  # unusable places are never returned
+    with pytest.raises(DatabaseError, match='truncated or overwritten'):
+        PlaceDatabase.load(path)
+
+
+def test_a_chunk_failing_its_checksum_is_found_by_verify_and_only_its_places_dropped(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / 'map'
+    database = random_map(64)
+    database.save(path)
+    local = column_files(path, 'local')[0]
+    served = PlaceDatabase.load(path, verify_checksums=False)
+    # Small chunks, so a flipped byte condemns only some places.
+    manifest_file = current_generation(path) / MANIFEST
+    manifest = json.loads(manifest_file.read_text())
+    entry = manifest['files'][local.name]
+    data = bytearray(local.read_bytes())
+    entry['chunk_bytes'] = 256
+    entry['sha256'] = chunk_digests(data, 256)
+    manifest_file.write_text(json.dumps(manifest))
+    served = PlaceDatabase.load(path, verify_checksums=False)
+    data[-3] ^= 0xFF  # a byte of the last place's local features
+    local.unlink()
+    local.write_bytes(bytes(data))
+    served = PlaceDatabase.load(path, verify_checksums=False)  # sizes and headers pass
+    assert len(served.unusable_places()) == 0
+    integrity = served.verify()
+    assert integrity.chunks_failed == 1 and integrity.chunks_checked == integrity.chunks_total
+    bad = served.unusable_places()
+    assert 0 < len(bad) < 64 and 63 in bad
+    query = np.asarray(served.global_descriptors[[63]])
+    assert 63 not in served.search(query, 5)[1][0]
+    assert served.search(np.asarray(served.global_descriptors[[0]]), 1)[1][0, 0] == 0
+    with pytest.raises(DatabaseError, match='fails its checksum'):
+        PlaceDatabase.load(path)  # verify_checksums=True (the default) checks every chunk
 
 
 def test_saving_into_a_file_or_a_symlink_is_refused_clearly(tmp_path: Path) -> None:

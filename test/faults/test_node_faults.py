@@ -32,9 +32,9 @@ from test_relocalize_node import (
     start_node,
 )
 
-from vpr_ros.database import current_generation
+from vpr_ros.database import column_files, current_generation
 from vpr_ros.dds import PROFILE_ENV
-from vpr_ros.errors import ConfigError
+from vpr_ros.errors import ConfigError, DatabaseError
 
 rclpy = pytest.importorskip('rclpy')
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
@@ -146,7 +146,8 @@ def test_large_raw_frames_at_30_hz_reach_the_node_with_the_default_qos(
 def test_a_map_overwritten_in_place_is_still_served_and_its_reload_refused(
     served: dict, default_model
 ) -> None:
-    """``cp`` over a live map truncated the memory-mapped local features: SIGBUS, no log."""
+    """``cp`` over a live map once truncated the memory-mapped local features: SIGBUS, no
+    log. Now the rewritten file's places are unusable and reported; the node goes on."""
     harness: Harness = served['harness']
     map_dir = served['root'] / 'map'
     generation = current_generation(map_dir)
@@ -154,14 +155,15 @@ def test_a_map_overwritten_in_place_is_still_served_and_its_reload_refused(
     extra = other.places[:2].copy()
     extra['place_id'] = [108, 109]
     # 10 places: other file sizes than the served map's
-    other.add(other.global_descriptors[:2], extra, other.local_features[:2])
+    other.add(other.global_descriptors[:2], extra, other.local_features[:2], strings=other.strings)
     other.save(served['root'] / 'other')
     other_files = current_generation(served['root'] / 'other')
-    shutil.copyfile(other_files / 'local_features.npy', generation / 'local_features.npy')
+    served_local = column_files(map_dir, 'local')[0]
+    shutil.copyfile(column_files(served['root'] / 'other', 'local')[0], served_local)
     for place in (2, 5):
         stamp = next_stamp()
         cloud = harness.ask(harness.raw, raw_msg(query_image(place), stamp))
-        assert hypotheses_from_cloud(cloud)[0].place_id == place
+        assert all(h.place_id != place for h in hypotheses_from_cloud(cloud))  # unusable now
     assert served['process'].poll() is None
     response = harness.call(harness.reload, Trigger.Request())
     assert not response.success
@@ -178,6 +180,9 @@ def test_a_map_overwritten_in_place_is_still_served_and_its_reload_refused(
     stamp = next_stamp()
     cloud = harness.ask(harness.raw, raw_msg(query_image(3), stamp))
     assert hypotheses_from_cloud(cloud)[0].place_id == 103
+    with pytest.raises(DatabaseError, match='changed or was damaged after it was read'):
+        served['a'].save(map_dir)  # its files were overwritten: never link them again
+    served['a'] = build_map(default_model)
     served['a'].save(map_dir)
     assert harness.call(harness.reload, Trigger.Request()).success
 

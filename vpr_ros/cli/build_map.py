@@ -82,6 +82,19 @@ def make_parser() -> argparse.ArgumentParser:
         '(0: fail at once with its PID)',
     )
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument(
+        '--workers',
+        type=int,
+        default=1,
+        help='build the bags in parallel on a local Ray instance with this many workers '
+        '(one shard map per bag, merged; 1: in this process)',
+    )
+    parser.add_argument(
+        '--ray-address',
+        default=None,
+        help="build on a running Ray cluster ('auto', 'ray://host:10001'); the --out "
+        'directory must be on a file system the cluster nodes share',
+    )
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
 
@@ -104,6 +117,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vpr_ros.mapping import build_map
         from vpr_ros.models import load_model
 
+        if args.workers > 1 or args.ray_address:
+            from vpr_ros.distributed import build_map_ray
+
+            summary = build_map_ray(
+                args.model,
+                args.bags,
+                args.image_topic,
+                args.pose_topic,
+                args.out,
+                conf=conf,
+                append=args.append,
+                workers=args.workers,
+                ray_address=args.ray_address,
+                threads_per_worker=args.threads or 1,
+                lock_timeout_s=args.lock_timeout_s,
+            )
+            print(summary.report())
+            print(f'map written to {args.out}')
+            return 0
         with map_lock(args.out, timeout_s=args.lock_timeout_s):
             model = load_model(args.model)
             summary = build_map(

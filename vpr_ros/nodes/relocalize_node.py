@@ -822,7 +822,12 @@ class RelocalizeNode(LifecycleNode):
         )
 
     def _open_map(self, model: VprModel, map_dir: str) -> Relocalizer:
-        database = PlaceDatabase.load(map_dir, expected_model=model.identity())
+        # Sizes and headers now; chunk checksums in the background, so that start-up does
+        # not grow with the map (a failed chunk makes its places unusable, and is logged).
+        database = PlaceDatabase.load(
+            map_dir, expected_model=model.identity(), verify_checksums=False
+        )
+        database.verify_in_background()
         return Relocalizer(
             model, database, self.conf.relocalization, num_threads=self._num_threads
         )
