@@ -46,6 +46,7 @@ from vpr_ros.rerankers.verification import (
 from vpr_ros.types import CameraIntrinsics, RelativePose
 
 if TYPE_CHECKING:
+    from vpr_ros.mapfiles import Column
     import torch
 
     from vpr_ros.database import PlaceDatabase
@@ -394,11 +395,10 @@ class KeypointReranker:
         self.model = keypoint_model(database.feature_store_settings[self.store])
 
     @property
-    def rows(self) -> np.ndarray:
+    def rows(self) -> Column:
         """The map's store rows, read live (a map grown place by place replaces them)."""
         assert self.store is not None
-        rows: np.ndarray = self.database.feature_stores[self.store]
-        return rows
+        return self.database.feature_stores[self.store]
 
     @classmethod
     def check_map(cls, database: PlaceDatabase) -> None:
