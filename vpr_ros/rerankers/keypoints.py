@@ -46,11 +46,11 @@ from vpr_ros.rerankers.verification import (
 from vpr_ros.types import CameraIntrinsics, RelativePose
 
 if TYPE_CHECKING:
-    from vpr_ros.mapfiles import Column
     import torch
 
     from vpr_ros.database import PlaceDatabase
     from vpr_ros.extraction import Descriptors
+    from vpr_ros.mapfiles import Column
 
 DEFAULT_MAX_KEYPOINTS = 512
 DEFAULT_MAX_IMAGE_SIDE = 640
