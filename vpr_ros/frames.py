@@ -17,20 +17,27 @@ import numpy as np
 from vpr_ros.errors import DatabaseError
 
 
-def pose_frames(places: np.ndarray) -> list[str]:
-    """The distinct frame ids of the places that have a pose (rows of ``PLACE_DTYPE``),
-    sorted; empty frame ids are left out."""
+def pose_frames(places: np.ndarray, strings: Sequence[str] | None = None) -> list[str]:
+    """The distinct frame ids of the places that have a pose, sorted; empty frame ids are
+    left out. ``places``: rows with the frame ids in place (``PLACE_RECORD_DTYPE``), or a
+    map's rows (``PLACE_DTYPE``) and the map's string table ``strings``."""
     posed = places[np.isfinite(places['x'])] if len(places) else places
-    return sorted({str(f) for f in posed['frame_id'] if str(f)})
+    ids = posed['frame_id']
+    if strings is not None and np.issubdtype(ids.dtype, np.integer):
+        ids = [strings[int(i)] for i in ids]
+    return sorted({str(f) for f in ids if str(f)})
 
 
-def map_pose_frame(places: np.ndarray, *, where: str = 'the map') -> str:
-    """The one frame id of a map's place poses ('' when none is recorded).
+def map_pose_frame(
+    places: np.ndarray, *, where: str = 'the map', strings: Sequence[str] | None = None
+) -> str:
+    """The one frame id of a map's place poses ('' when none is recorded); ``places`` and
+    ``strings`` as in ``pose_frames``.
 
     Raises:
         DatabaseError: the places are in several frames, which no output can be stamped with.
     """
-    frames = pose_frames(places)
+    frames = pose_frames(places, strings)
     if len(frames) > 1:
         msg = (
             f'{where} mixes place poses in the frames {frames!r}; rebuild it from one pose '

@@ -637,7 +637,7 @@ class RelocalizeNode(LifecycleNode):
                 num_threads=self._num_threads,
             )
             detector.extractor.extract([np.zeros((480, 640, 3), np.uint8)])  # warm-up
-            places = detector.database.places
+            places, strings = detector.database.places, detector.database.strings
             where = f'map {map_dir!r}' if database is not None else 'the live map'
             relocalizer = None
         else:
@@ -645,9 +645,9 @@ class RelocalizeNode(LifecycleNode):
             relocalizer = self._open_map(model, map_dir)
             relocalizer.relocalize(np.zeros((480, 640, 3), np.uint8))  # warm-up: first frame
             relocalizer.reset_sequences()  # the warm-up frame is not part of any history
-            places = relocalizer.database.places
+            places, strings = relocalizer.database.places, relocalizer.database.strings
             where, detector = f'map {map_dir!r}', None
-        frame = map_pose_frame(places, where=where)
+        frame = map_pose_frame(places, where=where, strings=strings)
         with self._map_lock:
             self._model, self._relocalizer, self._detector = model, relocalizer, detector
         self._map_dir = map_dir
@@ -977,7 +977,10 @@ class RelocalizeNode(LifecycleNode):
         map_dir = os.path.expanduser(self.get_parameter('map_dir').value)
         try:
             relocalizer = self._open_map(model, map_dir)
-            frame = map_pose_frame(relocalizer.database.places, where=f'map {map_dir!r}')
+            database = relocalizer.database
+            frame = map_pose_frame(
+                database.places, where=f'map {map_dir!r}', strings=database.strings
+            )
         except Exception as err:  # whatever is wrong with the new map, the old one stays
             response.success = False
             response.message = f'kept the current map {self._map_dir!r}: {err}'
