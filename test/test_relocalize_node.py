@@ -25,7 +25,7 @@ from conftest import ros_environment, synthetic_place, viewed_again
 
 from vpr_ros.database import PlaceDatabase, current_generation, place_records
 from vpr_ros.errors import ConfigError, DatabaseError
-from vpr_ros.extraction import Extractor
+from vpr_ros.extraction import TorchExtractor
 from vpr_ros.images import rgb_to_compressed_bytes, rgb_to_image_fields
 from vpr_ros.mapping import MapBuilder
 from vpr_ros.models.base import ModelIdentity
@@ -82,7 +82,7 @@ def place_pose(index: int, offset: float = 0.0) -> Pose:
 
 def build_map(model, *, id_offset: int = 0, pose_offset: float = 0.0) -> PlaceDatabase:
     images = [synthetic_place(i) for i in range(PLACES)]
-    descriptors = Extractor(model, batch_size=PLACES).extract(images)
+    descriptors = TorchExtractor(model, batch_size=PLACES).extract(images)
     frames = [
         Frame(image=image, stamp_ns=i, pose=place_pose(i, pose_offset), pose_frame_id='test_map')
         for i, image in enumerate(images)

@@ -667,6 +667,8 @@ class PlaceDatabase:
         self.index: Index = (
             index if index is not None else make_index(self.index_conf, self.global_descriptors)
         )
+        # The generation directory the map was loaded from (None: made in memory).
+        self.directory: Path | None = None
 
     @classmethod
     def empty(
@@ -1014,7 +1016,9 @@ class PlaceDatabase:
             directory = current_generation(path)
             manifest = cls.read_manifest(path)
             try:
-                return cls._load(directory, manifest, expected_model, mmap, verify_checksums)
+                database = cls._load(directory, manifest, expected_model, mmap, verify_checksums)
+                database.directory = directory
+                return database
             except FileNotFoundError as err:
                 # A writer replaced the generation (twice) while we read it: read the new one.
                 if attempt == 2 or current_generation(path) == directory:
@@ -1199,6 +1203,27 @@ def _check_on_disk(file: Path, info: Mapping[str, Any], verify: bool) -> None:
         raise DatabaseError(msg)
     if verify and _sha256(file) != info['sha256']:
         raise DatabaseError(_checksum_message(file))
+
+
+def verify_checksums(directory: str | os.PathLike[str]) -> None:
+    """Check the size and SHA-256 of every file of a map generation against its manifest
+    (``PlaceDatabase.directory`` of a map loaded with ``verify_checksums=False``, e.g. in
+    the background after start-up; generations never change once written).
+
+    Raises:
+        DatabaseError: a file is missing, has another size, or fails its checksum.
+    """
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_bytes().decode('utf-8'))
+        files = manifest['files']
+        for name, info in files.items():
+            _check_on_disk(directory / name, info, True)
+    except DatabaseError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        msg = f'cannot verify map {str(directory)!r}: {err}; rebuild the map'
+        raise DatabaseError(msg) from err
 
 
 def _checksum_message(file: Path) -> str:

@@ -20,19 +20,26 @@ frame's stamp in every header:
 Services: ``~/reload_map`` (``std_srvs/Trigger``) loads ``map_dir`` again and swaps it in;
 ``~/enable`` (``std_srvs/SetBool``) pauses and resumes processing.
 
+Start-up: the model (ONNX Runtime when an export fits, else torch: ``backend``) loads in a
+thread while the map loads; the map's checksums are checked after start-up by a
+low-priority thread (``background_checksums``), whose failure is an ERROR on
+``/diagnostics``. The worker caps its own threads (``num_threads``: faiss's OpenMP threads
+are per thread) and decodes frames straight to the model's input size.
+
 Run: ``relocalize --ros-args --params-file config/relocalize.yaml -p map_dir:=/path/to/map``.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -44,11 +51,12 @@ from std_msgs.msg import Header
 from std_srvs.srv import SetBool, Trigger
 
 from vpr_ros.config import Conf, nested, option
-from vpr_ros.database import PlaceDatabase
+from vpr_ros.database import PlaceDatabase, verify_checksums
 from vpr_ros.dds import no_frames_hint
 from vpr_ros.errors import ConfigError, DatabaseError, ImageDecodeError
+from vpr_ros.extraction import AUTO, BACKENDS, Extractor, open_extractor
 from vpr_ros.images import DEFAULT_MAX_PIXELS, failure_reason, msg_to_rgb
-from vpr_ros.models import available_models, load_model
+from vpr_ros.models import ModelIdentity, available_models
 from vpr_ros.nodes.common import (
     CAMERA_QOS,
     STATUS_WINDOW_PERIODS,
@@ -65,15 +73,13 @@ from vpr_ros.nodes.conversions import (
 )
 from vpr_ros.nodes.params import declare_conf, validate_changes
 from vpr_ros.relocalization import RelocalizationConf, Relocalizer
+from vpr_ros.runtime import set_num_threads, thread_limits
 from vpr_ros.types import CameraIntrinsics
 
 try:
     from rclpy.event_handler import SubscriptionEventCallbacks
 except ImportError:  # ROS 2 Humble
     from rclpy.qos_event import SubscriptionEventCallbacks
-
-if TYPE_CHECKING:
-    from vpr_ros.models.base import VprModel
 
 NODE_NAME = 'relocalize'
 
@@ -99,7 +105,14 @@ class RelocalizeNodeConf(Conf):
     model: str = option(
         '',
         'Model registry name or exported model directory; it must be the model the map was '
-        "built with (empty: the registry model named in the map's manifest)",
+        "built with (empty: the registry model named in the map's manifest), or an .onnx "
+        'file written by export_onnx',
+    )
+    backend: str = option(
+        AUTO,
+        "How the model runs: 'auto' (ONNX Runtime when an export of the model exists and "
+        "fits the map (export_onnx), else torch), 'onnxruntime' or 'torch'",
+        choices=BACKENDS,
     )
     camera_topics: list[str] = option(
         ['image'],
@@ -146,7 +159,12 @@ class RelocalizeNodeConf(Conf):
         unit='Hz',
         min=0.0,
     )
-    num_threads: int = option(0, 'Torch threads for the model (0: torch default)', min=0)
+    num_threads: int = option(
+        0,
+        'CPU threads of the model (ONNX Runtime or torch), faiss retrieval and BLAS (0: each '
+        "library's default, one per core); on a robot that also runs SLAM, 1 or 2",
+        min=0,
+    )
     max_image_pixels: int = option(
         DEFAULT_MAX_PIXELS,
         'Frames with more pixels (width * height, from the message fields or the compressed '
@@ -156,6 +174,12 @@ class RelocalizeNodeConf(Conf):
     )
     diagnostics_period_s: float = option(
         1.0, 'Period of the status on /diagnostics', unit='s', min=0.05
+    )
+    background_checksums: bool = option(
+        True,
+        "Check the map files' SHA-256 after start-up in a low-priority thread (a failure is "
+        'an ERROR on /diagnostics) instead of before the first frame; sizes and headers are '
+        'checked at load either way, and ~/reload_map checks everything first',
     )
 
     def validate(self) -> None:
@@ -250,9 +274,9 @@ class _Stats(NodeStats):
         self.last_best = ''
 
 
-def _load_model_for_map(map_dir: str, model_name: str) -> VprModel:
-    """The model to query ``map_dir`` with; reads the map's manifest first, so a missing or
-    broken map fails before the (slow) model load."""
+def _map_model(map_dir: str, model_name: str) -> tuple[str, ModelIdentity]:
+    """The model to query ``map_dir`` with (a name or path) and the identity the map records;
+    reads only the map's manifest, so a missing or broken map fails before the model loads."""
     if not map_dir:
         msg = 'parameter map_dir is empty; pass -p map_dir:=/path/to/map (written by build_map)'
         raise ConfigError(msg)
@@ -263,15 +287,48 @@ def _load_model_for_map(map_dir: str, model_name: str) -> VprModel:
     if not isinstance(map_model, str):
         msg = f'map {map_dir!r} has a malformed manifest (no model name); rebuild the map'
         raise DatabaseError(msg)
+    try:
+        assert isinstance(record, dict)
+        identity = ModelIdentity.from_dict(record)
+    except (KeyError, TypeError) as err:
+        msg = f'map {map_dir!r} has a malformed model record ({err}); rebuild the map'
+        raise DatabaseError(msg) from err
     if model_name:
-        return load_model(model_name)
+        return model_name, identity
     if map_model not in available_models():
         msg = (
             f'map {map_dir!r} was built with model {map_model!r}, which is not a registry name '
             f'{available_models()}; set the parameter model to its exported model directory'
         )
         raise ConfigError(msg)
-    return load_model(map_model)
+    return map_model, identity
+
+
+class _Loading(threading.Thread):
+    """Opens the extractor in a thread of its own, so the model loads while the map does."""
+
+    def __init__(self, source: str, backend: str, num_threads: int | None, expected: Any) -> None:
+        super().__init__(name='relocalize-model-load', daemon=True)
+        self._args = (source, backend, num_threads, expected)
+        self.extractor: Extractor | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        source, backend, num_threads, expected = self._args
+        try:
+            self.extractor = open_extractor(
+                source, backend=backend, batch_size=1, num_threads=num_threads, expected=expected
+            )
+        except BaseException as err:  # re-raised in the node's thread
+            self.error = err
+
+    def result(self) -> Extractor:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.extractor is not None
+        return self.extractor
 
 
 class RelocalizeNode(Node):
@@ -288,15 +345,22 @@ class RelocalizeNode(Node):
         self._num_threads = conf.num_threads or None
 
         start = time.perf_counter()
-        self._model = _load_model_for_map(conf.map_dir, conf.model)
+        source, map_identity = _map_model(conf.map_dir, conf.model)
+        loading = _Loading(source, conf.backend, self._num_threads, map_identity)
+        # The map loads while the model does; its checksums are checked after start-up.
+        database = PlaceDatabase.load(conf.map_dir, verify_checksums=not conf.background_checksums)
+        self._extractor = loading.result()
         self._map_lock = threading.Lock()
         self._map_dir = conf.map_dir
-        self._relocalizer = self._open_map(conf.map_dir)
+        self._relocalizer = Relocalizer(self._extractor, database, conf.relocalization)
         self._relocalizer.relocalize(np.zeros((480, 640, 3), np.uint8))  # warm-up: first frame
         self.get_logger().info(
-            f'map {conf.map_dir!r}: {len(self._relocalizer.database)} places, model '
-            f'{self._model.identity().describe()} (loaded in {time.perf_counter() - start:.1f} s)'
+            f'map {conf.map_dir!r}: {len(database)} places, model '
+            f'{self._extractor.identity().describe()} on {self._extractor.backend} (loaded in '
+            f'{time.perf_counter() - start:.1f} s)'
         )
+        self._thread_limits: dict[str, int] = {}
+        self._map_integrity = ''  # why the served map failed its background check ('' ok)
 
         self._hypotheses_pub = self.create_publisher(PointCloud2, '~/hypotheses', 10)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, '~/pose', 10)
@@ -371,6 +435,13 @@ class RelocalizeNode(Node):
 
         self._worker = threading.Thread(target=self._work, name='relocalize-worker', daemon=True)
         self._worker.start()
+        if conf.background_checksums and database.directory is not None:
+            threading.Thread(
+                target=self._verify_map,
+                args=(database, database.directory),
+                name='relocalize-map-checksums',
+                daemon=True,
+            ).start()
         cameras = ', '.join(
             f'{self.resolve_topic_name(topic)} ({transport})'
             for topic, transport in zip(topics, transports)
@@ -378,10 +449,27 @@ class RelocalizeNode(Node):
         self.get_logger().info(f'relocalizing frames from {cameras}, QoS {conf.camera_qos}')
 
     def _open_map(self, map_dir: str) -> Relocalizer:
-        database = PlaceDatabase.load(map_dir, expected_model=self._model.identity())
-        return Relocalizer(
-            self._model, database, self.conf.relocalization, num_threads=self._num_threads
-        )
+        database = PlaceDatabase.load(map_dir, expected_model=self._extractor.identity())
+        return Relocalizer(self._extractor, database, self.conf.relocalization)
+
+    def _verify_map(self, database: PlaceDatabase, directory: Path) -> None:
+        """Check the served map's checksums at low priority; a failure is reported on
+        /diagnostics (ERROR) and in the log until a reload replaces the map."""
+        try:  # Linux: a thread is a task with its own nice value
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        started = time.perf_counter()
+        try:
+            verify_checksums(directory)
+        except DatabaseError as err:
+            with self._map_lock:
+                if self._relocalizer.database is not database:  # reloaded meanwhile
+                    return
+                self._map_integrity = str(err)
+            self.get_logger().error(f'the served map failed its check: {err}')
+            return
+        self.get_logger().info(f'map checksums verified in {time.perf_counter() - started:.1f} s')
 
     def _apply_conf(self, conf: RelocalizeNodeConf) -> None:
         """A run-time parameter change the settings table accepted: the matching settings
@@ -390,10 +478,7 @@ class RelocalizeNode(Node):
             current = self._relocalizer
             if conf.relocalization != current.conf:
                 self._relocalizer = Relocalizer(
-                    self._model,
-                    current.database,
-                    conf.relocalization,
-                    num_threads=self._num_threads,
+                    self._extractor, current.database, conf.relocalization
                 )
             self.conf = conf
 
@@ -423,6 +508,7 @@ class RelocalizeNode(Node):
             return response
         with self._map_lock:
             old, self._relocalizer, self._map_dir = self._relocalizer, relocalizer, map_dir
+            self._map_integrity = ''  # the new map was checked whole when it loaded
         self._stats.clear_error()
         response.success = True
         response.message = (
@@ -503,6 +589,7 @@ class RelocalizeNode(Node):
         last_best = self._stats.last_best
         with self._map_lock:
             database, map_dir = self._relocalizer.database, self._map_dir
+            integrity = self._map_integrity
         values = {
             'enabled': self._enabled,
             'mode': self.conf.relocalization.mode,
@@ -517,12 +604,19 @@ class RelocalizeNode(Node):
             'frames_skipped_recently': stats.recent_skipped.total,
             'map_dir': map_dir,
             'map_places': len(database),
-            'model': self._model.name,
+            'model': self._extractor.name,
+            'backend': self._extractor.backend,
+            'threads': json.dumps(
+                {**self._thread_limits, **self._extractor.thread_settings()}, sort_keys=True
+            ),
+            'map_integrity': integrity or 'ok',
             'last_best': last_best,
             'last_error': stats.last_error,
         }
         level, message = DiagnosticStatus.OK, 'relocalizing'
-        if not self._enabled:
+        if integrity:
+            level, message = DiagnosticStatus.ERROR, f'the served map is damaged: {integrity}'
+        elif not self._enabled:
             message = 'disabled'
         elif transport:
             level, message = DiagnosticStatus.WARN, '; '.join(transport)
@@ -536,6 +630,9 @@ class RelocalizeNode(Node):
     # -- worker -------------------------------------------------------------------------
 
     def _work(self) -> None:
+        # faiss's OpenMP threads are this thread's own setting: cap them here.
+        set_num_threads(self._num_threads)
+        self._thread_limits = thread_limits()
         max_rate = self.conf.max_rate_hz
         min_interval = 1.0 / max_rate if max_rate > 0 else 0.0
         last_start = -float('inf')
@@ -561,8 +658,12 @@ class RelocalizeNode(Node):
     def _process(self, pending: _Pending) -> None:
         msg = pending.msg
         started = time.monotonic()
+        with self._map_lock:
+            relocalizer = self._relocalizer
         try:
-            rgb = msg_to_rgb(msg, max_pixels=self.conf.max_image_pixels)
+            rgb = msg_to_rgb(
+                msg, max_pixels=self.conf.max_image_pixels, size=relocalizer.image_size
+            )
         except ImageDecodeError as err:
             self._stats.error(failure_reason(err), str(err))
             self.get_logger().warning(
@@ -571,8 +672,6 @@ class RelocalizeNode(Node):
             )
             return
         decoded = time.monotonic()
-        with self._map_lock:
-            relocalizer = self._relocalizer
         result = relocalizer.relocalize(
             rgb, stream=self._topics[pending.camera], camera=self._intrinsics[pending.camera]
         )

@@ -150,6 +150,7 @@ class MnnReranker:
 
     name: ClassVar[str] = 'mnn'
     store: ClassVar[str | None] = None
+    needs_image: ClassVar[bool] = False
 
     def __init__(
         self,
