@@ -18,6 +18,8 @@ an export needs only ``onnxruntime``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -90,23 +92,25 @@ def export_onnx(
     example = torch.randint(0, 256, (EXAMPLE_BATCH, height, width, 3), dtype=torch.uint8)
     shapes: dict[int, torch.export.Dim] = {0: torch.export.Dim('batch', min=1, max=MAX_BATCH)}
     if dynamic_size:
-        shapes[1] = torch.export.Dim('height', min=32, max=4096)
-        shapes[2] = torch.export.Dim('width', min=32, max=4096)
+        shapes[1] = torch.export.Dim('height', min=64, max=4096)
+        shapes[2] = torch.export.Dim('width', min=64, max=4096)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         raw = Path(tmp) / 'raw.onnx'
         try:
-            program = torch.onnx.export(
-                OnnxGraph(model),
-                (example,),
-                dynamo=True,
-                input_names=['image'],
-                output_names=['global_descriptor', 'local_features'],
-                dynamic_shapes={'image': shapes},
-                external_data=False,
-                verbose=False,
-            )
+            # The exporter reports its progress on stdout: keep the commands' output clean.
+            with contextlib.redirect_stdout(io.StringIO()):
+                program = torch.onnx.export(
+                    OnnxGraph(model).eval(),
+                    (example,),
+                    dynamo=True,
+                    input_names=['image'],
+                    output_names=['global_descriptor', 'local_features'],
+                    dynamic_shapes={'image': shapes},
+                    external_data=False,
+                    verbose=False,
+                )
             assert program is not None
             program.save(str(raw), external_data=False)
         except Exception as err:  # the exporter raises many kinds
@@ -153,6 +157,9 @@ def _write_with_metadata(proto: object, metadata: dict[str, str], out: Path) -> 
         entry.key, entry.value = key, value
     handle, tmp_name = tempfile.mkstemp(dir=out.parent, suffix='.onnx.tmp')
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)  # readable as any file the user writes
     try:
         onnx.save(proto, tmp_name)
         os.replace(tmp_name, out)

@@ -1,0 +1,54 @@
+"""Process settings: the thread caps reach faiss (in the calling thread), BLAS, torch and
+ONNX Runtime."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import faiss
+import pytest
+import torch
+
+from vpr_ros.runtime import set_num_threads, thread_limits
+
+
+def limits_in_a_new_thread(num_threads: int | None) -> dict[str, int]:
+    found: dict[str, int] = {}
+
+    def work() -> None:
+        set_num_threads(num_threads)
+        found.update(thread_limits())
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    return found
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason='a cap of 1 needs 2 cores to show')
+def test_the_cap_reaches_faiss_blas_and_torch_in_the_thread_that_searches() -> None:
+    torch.set_num_threads(2)
+    try:
+        uncapped = limits_in_a_new_thread(None)
+        assert uncapped['faiss'] == faiss.omp_get_max_threads() >= 2
+        capped = limits_in_a_new_thread(1)
+        assert capped['faiss'] == 1
+        assert capped['blas'] == 1
+        assert capped['torch'] == torch.get_num_threads() == 1
+        # faiss's OpenMP setting is per thread: a thread that did not cap keeps the default.
+        assert limits_in_a_new_thread(None)['faiss'] >= 2
+    finally:
+        torch.set_num_threads(1)
+        set_num_threads(os.cpu_count())  # BLAS's cap is process-wide: give it back
+
+
+def test_onnxruntime_sessions_take_the_cap(tmp_path) -> None:
+    from vpr_ros.extraction import OnnxExtractor
+    from vpr_ros.models import load_model
+    from vpr_ros.models.onnx_export import export_onnx
+
+    path = export_onnx(load_model('selavpr_tiny_random'), tmp_path / 'tiny.onnx')
+    extractor = OnnxExtractor(path, num_threads=1)
+    assert extractor.session.get_session_options().intra_op_num_threads == 1
+    assert extractor.thread_settings() == {'onnxruntime': 1}
