@@ -44,11 +44,12 @@ setup(
         'kornia>=0.7.2',
         # The run-time path (vpr_ros.extraction): models run on ONNX Runtime when exported;
         # export_onnx needs onnx and onnxscript (torch.onnx's exporter). threadpoolctl caps
-        # BLAS threads (the node's num_threads).
-        'onnxruntime',
-        'onnx',
-        'onnxscript',
-        'threadpoolctl',
+        # BLAS threads (the node's num_threads). Tested with onnxruntime 1.32, onnx 1.23,
+        # onnxscript 0.7; the bounds are the versions whose APIs vpr_ros uses.
+        'onnxruntime>=1.18',
+        'onnx>=1.16',
+        'onnxscript>=0.2',
+        'threadpoolctl>=3',
     ],
     extras_require={
         'test': ['pytest', 'pytest-timeout', 'ruff', 'mypy'],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import signal
 import subprocess
 import sys
@@ -669,3 +670,23 @@ def test_invalid_parameters_are_refused_with_the_reason(changes: dict, expected:
 
 def test_the_default_parameters_are_valid() -> None:
     assert RelocalizeNodeConf().relocalization.top_k >= 1
+
+
+def test_the_node_runs_the_model_on_onnxruntime_when_an_export_fits_the_map(
+    maps: dict, default_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vpr_ros.extraction import CACHE_ENV, onnx_export_path
+    from vpr_ros.models.onnx_export import export_onnx
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / 'cache'))
+    name = default_model.name
+    export_onnx(default_model, onnx_export_path(name), registry_name=name)
+    with node_in_this_process({**PARAMS, 'map_dir': str(maps['dir'])}) as harness:
+        stamp = next_stamp()
+        harness.ask(harness.raw, raw_msg(query_image(2), stamp))
+        check_answer(harness, stamp, 2)
+        assert harness.spin_until(lambda: 'backend' in harness.values(), 5.0)
+        assert harness.values()['backend'] == 'onnxruntime'
+        # num_threads 1 reaches ONNX Runtime's session and faiss in the worker thread.
+        threads = json.loads(harness.values()['threads'])
+        assert threads['onnxruntime'] == threads['faiss'] == 1, threads

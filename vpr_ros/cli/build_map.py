@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
         print(summary.report())
+        print(f'model:              {model.name} on {model.backend}')
         print(f'map written to {args.out}')
         return 0
 
