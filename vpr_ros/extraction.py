@@ -61,6 +61,9 @@ META_REGISTRY_CONF = 'vpr_ros.registry_conf'
 META_QUANTIZATION = 'vpr_ros.quantization'
 ONNX_FORMAT = 'vpr_ros.onnx_model/1'
 INT8_SUFFIX = '.int8'
+"""The int8 copy ``export_onnx --quantize`` writes beside an export (``NAME.int8.onnx``). No
+command picks it: measured slower and less accurate here (README); run it as an explicit
+``.onnx`` model to measure it."""
 
 
 @dataclass
@@ -282,23 +285,22 @@ def cache_dir() -> Path:
     return Path(base) / 'vpr_ros'
 
 
-def onnx_export_path(source: str | os.PathLike[str], *, quantized: bool = False) -> Path:
+def onnx_export_path(source: str | os.PathLike[str]) -> Path:
     """Where the export of model ``source`` goes: beside an exported model directory, in
     the cache for a registry name, or ``source`` itself when it is an ``.onnx`` file."""
-    suffix = INT8_SUFFIX if quantized else ''
     path = Path(source)
     if path.suffix == '.onnx':
         return path
     if path.is_dir() or path.name == 'model.json':
         folder = path if path.is_dir() else path.parent
-        return folder / f'model{suffix}.onnx'
-    return cache_dir() / 'onnx' / f'{path.name}{suffix}.onnx'
+        return folder / ONNX_FILE
+    return cache_dir() / 'onnx' / f'{path.name}.onnx'
 
 
-def find_onnx_export(source: str | os.PathLike[str], *, quantized: bool = False) -> Path | None:
+def find_onnx_export(source: str | os.PathLike[str]) -> Path | None:
     """The ONNX export of model ``source`` (registry name, model directory or ``.onnx``
     file), or None when there is none."""
-    path = onnx_export_path(source, quantized=quantized)
+    path = onnx_export_path(source)
     return path if path.is_file() else None
 
 
@@ -337,7 +339,6 @@ def open_extractor(
     batch_size: int = 8,
     num_threads: int | None = None,
     expected: ModelIdentity | None = None,
-    quantized: bool = False,
     overrides: dict[str, Any] | None = None,
 ) -> Extractor:
     """The extractor for model ``source`` on ``backend`` (see the module docstring).
@@ -350,7 +351,6 @@ def open_extractor(
         num_threads: CPU threads of the backend, faiss and BLAS (None: their defaults).
         expected: the identity the model must have (a map's); with ``'auto'`` an export of
             another identity is passed over for torch.
-        quantized: take the int8 export (``export_onnx --quantize``) instead.
         overrides: registry configuration overrides (torch only: exports have one input
             size; ``'auto'`` then runs torch).
 
@@ -370,8 +370,8 @@ def open_extractor(
     if backend == TORCH and is_onnx_file:
         raise ConfigError(f'model {key!r} is an ONNX file: run it with backend onnxruntime')
     if backend != TORCH and not overrides:
-        export = find_onnx_export(key, quantized=quantized)
-        where = onnx_export_path(key, quantized=quantized)
+        export = find_onnx_export(key)
+        where = onnx_export_path(key)
         why_not = f'there is no ONNX export of {key!r} ({str(where)!r})'
         if export is not None:
             try:
