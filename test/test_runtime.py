@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import threading
 
-import faiss
 import pytest
 import torch
 
@@ -30,15 +29,18 @@ def limits_in_a_new_thread(num_threads: int | None) -> dict[str, int]:
 def test_the_cap_reaches_faiss_blas_and_torch_in_the_thread_that_searches() -> None:
     torch.set_num_threads(2)
     try:
-        uncapped = limits_in_a_new_thread(None)
-        assert uncapped['faiss'] == faiss.omp_get_max_threads() >= 2
+        # A thread that never set a cap has OpenMP's default (whatever this test process's
+        # own thread was set to by earlier tests).
+        default = limits_in_a_new_thread(None)['faiss']
+        if default < 2:
+            pytest.skip('OpenMP defaults to one thread here (OMP_NUM_THREADS=1?)')
         capped = limits_in_a_new_thread(1)
         assert capped['faiss'] == 1
         assert capped['blas'] == 1
         assert capped['torch'] == 1
         # OpenMP settings are per thread (faiss's, and torch's in its OpenMP build): a thread
         # that did not cap keeps the default, so the cap belongs in the worker thread.
-        assert limits_in_a_new_thread(None)['faiss'] >= 2
+        assert limits_in_a_new_thread(None)['faiss'] == default
     finally:
         torch.set_num_threads(1)
         set_num_threads(os.cpu_count())  # BLAS's cap is process-wide: give it back
