@@ -3,47 +3,56 @@ ONNX Runtime."""
 
 from __future__ import annotations
 
+import json
 import os
-import threading
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
+REPO = Path(__file__).resolve().parents[1]
+
+# Run in a fresh interpreter: OpenMP settings are per thread and other tests leave theirs
+# in this process's threads.
+CAP_CHECK = """
+import json, threading
+import torch
 from vpr_ros.runtime import set_num_threads, thread_limits
 
-
-def limits_in_a_new_thread(num_threads: int | None) -> dict[str, int]:
-    found: dict[str, int] = {}
-
-    def work() -> None:
+def limits_in_a_new_thread(num_threads):
+    found = {}
+    def work():
         set_num_threads(num_threads)
         found.update(thread_limits())
-
     worker = threading.Thread(target=work)
     worker.start()
     worker.join()
     return found
 
+torch.set_num_threads(2)
+print(json.dumps({
+    'default': limits_in_a_new_thread(None),
+    'capped': limits_in_a_new_thread(1),
+    'after': limits_in_a_new_thread(None),
+}))
+"""
+
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason='a cap of 1 needs 2 cores to show')
 def test_the_cap_reaches_faiss_blas_and_torch_in_the_thread_that_searches() -> None:
-    torch.set_num_threads(2)
-    try:
-        # A thread that never set a cap has OpenMP's default (whatever this test process's
-        # own thread was set to by earlier tests).
-        default = limits_in_a_new_thread(None)['faiss']
-        if default < 2:
-            pytest.skip('OpenMP defaults to one thread here (OMP_NUM_THREADS=1?)')
-        capped = limits_in_a_new_thread(1)
-        assert capped['faiss'] == 1
-        assert capped['blas'] == 1
-        assert capped['torch'] == 1
-        # OpenMP settings are per thread (faiss's, and torch's in its OpenMP build): a thread
-        # that did not cap keeps the default, so the cap belongs in the worker thread.
-        assert limits_in_a_new_thread(None)['faiss'] == default
-    finally:
-        torch.set_num_threads(1)
-        set_num_threads(os.cpu_count())  # BLAS's cap is process-wide: give it back
+    env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')])
+    done = subprocess.run(
+        [sys.executable, '-c', CAP_CHECK], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found['default']['faiss'] >= 2, found
+    assert found['capped'] == {'faiss': 1, 'blas': 1, 'torch': 1}, found
+    # faiss's OpenMP setting is per thread: a thread that did not cap keeps the default, so
+    # the cap belongs in the worker thread that searches.
+    assert found['after']['faiss'] == found['default']['faiss'], found
 
 
 def test_onnxruntime_sessions_take_the_cap(tmp_path) -> None:
