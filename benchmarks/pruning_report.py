@@ -76,7 +76,7 @@ from vpr_ros.evaluation import (
     method_confs,
     run_methods,
 )
-from vpr_ros.extraction import Descriptors, Extractor
+from vpr_ros.extraction import Descriptors, TorchExtractor
 from vpr_ros.ground_truth import positives_frame_aligned
 from vpr_ros.imagefolders import list_images, load_image, relative_names
 from vpr_ros.learning.finetune import BatchNormCalibrator, FinetuneConf
@@ -186,7 +186,7 @@ def described_queries(model: VprModel, paths: Sequence[Path]) -> Iterator[Descri
     """The queries described in batches (faster than one by one; the descriptors are the
     same), handed to the methods one at a time."""
     images = [load_image(p) for p in paths]
-    out = Extractor(model, batch_size=16).extract(images)
+    out = TorchExtractor(model, batch_size=16).extract(images)
     for i, image in enumerate(images):
         one = Descriptors(
             out.global_descriptors[i : i + 1], out.local_features[i : i + 1], out.local_grid

@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 
 from vpr_ros.evaluation import evaluate, evenly_spaced
-from vpr_ros.extraction import Extractor
+from vpr_ros.extraction import TorchExtractor
 from vpr_ros.imagefolders import list_images, load_image
 from vpr_ros.models import DEFAULT_MODEL, load_model
 from vpr_ros.relocalization import RelocalizationConf, Relocalizer
@@ -166,7 +166,7 @@ def rerank_seconds(
 ) -> dict[str, dict[int, float]]:
     """Median seconds per query of each re-ranker (query description + scoring) on the same
     candidates: the top 100 by global similarity, repeated to ``k``."""
-    extractor = Extractor(model, batch_size=1)
+    extractor = TorchExtractor(model, batch_size=1)
     rerankers = {name: make_reranker(name, database) for name in RERANKER_NAMES}
     picks = evenly_spaced(len(eval_set.queries), count + 1)
     times: dict[str, dict[int, list[float]]] = {n: {k: [] for k in ks} for n in rerankers}

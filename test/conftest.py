@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import cv2
 import numpy as np
@@ -13,6 +14,9 @@ from vpr_ros.dds import PROFILE_ENV, dds_environment
 
 # One thread per test process: the CI machine has two cores.
 torch.set_num_threads(1)
+# ONNX exports of registry models come from an empty cache of the tests' own, not the
+# user's (vpr_ros.extraction): tests that want ONNX Runtime export first.
+os.environ['VPR_ROS_CACHE_DIR'] = tempfile.mkdtemp(prefix='vpr_ros_test_cache_')
 os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
 # The shipped Fast DDS profile for every participant of the tests (this process's too),
 # unless one is set (scripts/test.sh sets the same file).

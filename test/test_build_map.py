@@ -253,3 +253,30 @@ def test_cli_stores_the_keypoints_of_the_verifiers_it_is_asked_for(tmp_path: Pat
     bad = [*argv[:-4], '--verifiers', 'superglue']
     assert build_map_main(bad) == 1
     assert "verifiers names ['superglue']" in capsys.readouterr().err
+
+
+def test_cli_runs_the_model_on_onnxruntime_when_an_export_exists(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vpr_ros.cli.export_onnx import main as export_main
+    from vpr_ros.extraction import CACHE_ENV
+    from vpr_ros.models import load_model
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / 'cache'))
+    model = 'selavpr_tiny_random'
+    bag = write_bag(tmp_path / 'bag', route_frames(4), storage='mcap')
+    common = ['--bag', str(bag), '--image-topic', '/camera/image_raw', '--pose-topic', '/odom']
+    common += ['--model', model, '--min-distance-m', '0.1', '--no-progress']
+    assert build_map_main([*common, '--out', str(tmp_path / 'torch_map')]) == 0
+    assert f'model:              {model} on torch' in capsys.readouterr().out
+    assert export_main(['--model', model]) == 0
+    capsys.readouterr()
+    assert build_map_main([*common, '--out', str(tmp_path / 'onnx_map')]) == 0
+    assert f'model:              {model} on onnxruntime' in capsys.readouterr().out
+    # Both maps are the model's and hold the same places, whichever backend described them.
+    identity = load_model(model).identity()
+    on_torch = PlaceDatabase.load(tmp_path / 'torch_map', expected_model=identity)
+    on_onnx = PlaceDatabase.load(tmp_path / 'onnx_map', expected_model=identity)
+    cosine = np.sum(on_torch.global_descriptors * on_onnx.global_descriptors, axis=1)
+    assert len(on_onnx) == len(on_torch) == 4
+    assert cosine.min() >= 1 - 1e-4

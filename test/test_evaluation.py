@@ -651,3 +651,32 @@ def test_evaluate_cli_runs_a_keypoint_verifier_on_reference_images(
     table = capsys.readouterr().out
     reranked_row = next(line for line in table.splitlines() if line.startswith('reranked'))
     assert reranked_row.split()[1] == '100.0'  # R@1
+
+
+def test_evaluate_runs_on_onnxruntime_when_an_export_exists_and_scores_as_torch(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vpr_ros.cli.export_onnx import main as export_main
+    from vpr_ros.extraction import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / 'cache'))
+    root = str(dataset / 'folders')
+    model = 'selavpr_tiny_random'
+    assert export_main(['--model', model]) == 0
+    per_query = {}
+    for backend in ('auto', 'torch'):
+        out = tmp_path / backend
+        code = evaluate_main(
+            [
+                *('--db-images', root, '--db-glob', '*/i0/*', '--queries', root),
+                *('--query-glob', '*/i1/*', '--gt', 'folder', '--model', model),
+                *('--backend', backend, '--out', str(out), '--no-progress'),
+            ]
+        )
+        assert code == 0
+        results = json.loads((out / 'results.json').read_text())
+        assert results['args']['backend'] == ('onnxruntime' if backend == 'auto' else 'torch')
+        per_query[backend] = [
+            line.split(',')[:3] for line in (out / 'per_query.csv').read_text().splitlines()
+        ]
+    assert per_query['auto'] == per_query['torch']

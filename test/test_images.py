@@ -247,3 +247,28 @@ def test_images_over_the_pixel_cap_are_refused_from_their_fields_or_header() -> 
     with pytest.raises(ImageDecodeError, match='image too large'):
         compressed_to_rgb(small_cap, max_pixels=1000)
     assert compressed_to_rgb(small_cap, max_pixels=1200).shape == (30, 40, 3)
+
+
+@pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'bgra8', 'mono8'])
+def test_raw_frames_decode_straight_to_the_models_size_as_a_resize_of_the_full_decode(
+    encoding: str,
+) -> None:
+    from vpr_ros.models.preprocessing import resize_to
+
+    msg = image_msg(smooth_rgb(480, 640), encoding)
+    full = image_to_rgb(msg)
+    small = image_to_rgb(msg, size=(240, 320))
+    assert small.shape == (240, 320, 3) and small.flags.c_contiguous
+    np.testing.assert_allclose(small, resize_to(full, (240, 320)), atol=1)
+    assert image_to_rgb(msg, size=(480, 640)).tobytes() == full.tobytes()
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_to_the_models_size() -> None:
+    from vpr_ros.models.preprocessing import resize_to
+
+    data = rgb_to_compressed_bytes(smooth_rgb(960, 1280), 'jpeg')
+    msg = CompressedImage(header=header(), format='jpeg', data=np.frombuffer(data, np.uint8))
+    small = compressed_to_rgb(msg, size=(240, 320))
+    assert small.shape == (240, 320, 3)
+    reference = resize_to(compressed_to_rgb(msg), (240, 320))
+    assert np.abs(small.astype(int) - reference).mean() < 2.0

@@ -11,7 +11,7 @@ import torch
 from conftest import synthetic_place, viewed_again
 
 from vpr_ros.errors import ConfigError, ModelError
-from vpr_ros.extraction import Extractor
+from vpr_ros.extraction import TorchExtractor
 from vpr_ros.models import available_models, load_model, save_model
 from vpr_ros.models.weights import efficientnet_lite_file, read_state_dict
 
@@ -24,7 +24,7 @@ def test_default_model_loads_the_shipped_imagenet_weights(default_model) -> None
 
 def test_same_place_is_more_similar_than_another_place(default_model) -> None:
     images = [synthetic_place(0), viewed_again(synthetic_place(0)), synthetic_place(1)]
-    desc = Extractor(default_model).extract(images).global_descriptors
+    desc = TorchExtractor(default_model).extract(images).global_descriptors
     assert desc[0] @ desc[1] > desc[0] @ desc[2]
 
 
@@ -36,8 +36,8 @@ def test_exported_model_reloads_with_the_same_identity_and_outputs(
     assert reloaded.identity() == default_model.identity()
     image = [synthetic_place(5)]
     np.testing.assert_allclose(
-        Extractor(reloaded).extract(image).global_descriptors,
-        Extractor(default_model).extract(image).global_descriptors,
+        TorchExtractor(reloaded).extract(image).global_descriptors,
+        TorchExtractor(default_model).extract(image).global_descriptors,
         atol=1e-6,
     )
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import synthetic_place
 
 from vpr_ros.database import PlaceDatabase, map_files
-from vpr_ros.extraction import Extractor
+from vpr_ros.extraction import TorchExtractor
 from vpr_ros.mapping import MapBuilder
 from vpr_ros.models import DEFAULT_MODEL, load_model, save_model
 from vpr_ros.profiling import (
@@ -30,7 +30,7 @@ SMALL = {'preprocessing': {'size': [64, 64]}}
 def test_footprint_counts_the_pooled_local_map_the_extractor_outputs() -> None:
     model = load_model(DEFAULT_MODEL)
     height, width = model.preprocessing.size
-    out = Extractor(model).extract([np.zeros((height, width, 3), np.uint8)])
+    out = TorchExtractor(model).extract([np.zeros((height, width, 3), np.uint8)])
     _, locations, channels = out.local_features.shape
     assert (locations, channels) == (8 * 10, 112)  # 240 x 320, stride 16, pooled by 2
     size = footprint(model)

@@ -8,6 +8,7 @@ from conftest import synthetic_place, viewed_again
 
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError, DatabaseError
+from vpr_ros.extraction import Descriptors, TorchExtractor
 from vpr_ros.mapping import MapBuilder
 from vpr_ros.models import load_model
 from vpr_ros.priors import PositionPrior
@@ -171,3 +172,47 @@ def test_verifier_settings_and_maps_are_checked_before_any_network_loads(
         Relocalizer(default_model, route_map, {'rerank_k': 4, 'verifier': 'mnn', 'verify_k': 5})
     with pytest.raises(DatabaseError, match='--verifiers aliked_lightglue'):
         Relocalizer(default_model, route_map, {'verifier': 'aliked_lightglue'})
+
+
+class CountingExtractor(TorchExtractor):
+    """The real torch extractor, counting the images it describes."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model, batch_size=1)
+        self.described = 0
+
+    def extract(self, images) -> Descriptors:
+        self.described += len(images)
+        return super().extract(images)
+
+
+def test_sequence_matching_on_pixels_never_runs_the_model(default_model, route_map) -> None:
+    counting = CountingExtractor(default_model)
+    relocalizer = Relocalizer(counting, route_map, {'mode': 'sequence'})
+    assert not relocalizer.describes
+    for i in range(6, 14):
+        result = relocalizer.relocalize(viewed_again(synthetic_place(i, SIZE)))
+    assert counting.described == 0
+    assert result.best.place_index == 13
+    assert all(np.isnan(h.global_score) for h in result.hypotheses)
+    assert 'extract' not in result.timings
+
+
+def test_sequence_matching_on_global_descriptors_runs_the_model_per_frame(
+    default_model, route_map
+) -> None:
+    counting = CountingExtractor(default_model)
+    conf = {'mode': 'sequence', 'sequence': {'descriptor': 'global'}}
+    relocalizer = Relocalizer(counting, route_map, conf)
+    for i in range(6, 14):
+        result = relocalizer.relocalize(viewed_again(synthetic_place(i, SIZE)))
+    assert counting.described == 8
+    assert np.isfinite(result.best.global_score)
+
+
+def test_single_frame_matching_describes_each_frame_once(default_model, route_map) -> None:
+    counting = CountingExtractor(default_model)
+    relocalizer = Relocalizer(counting, route_map, {'top_k': 8, 'rerank_k': 5})
+    relocalizer.relocalize(viewed_again(synthetic_place(7, SIZE)))
+    assert counting.described == 1
+    assert relocalizer.image_size == default_model.preprocessing.size

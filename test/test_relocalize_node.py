@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from conftest import ros_environment, synthetic_place, viewed_again
 
 from vpr_ros.database import PlaceDatabase, current_generation, place_records
 from vpr_ros.errors import ConfigError, DatabaseError
-from vpr_ros.extraction import Extractor
+from vpr_ros.extraction import TorchExtractor
 from vpr_ros.images import rgb_to_compressed_bytes, rgb_to_image_fields
 from vpr_ros.mapping import MapBuilder
 from vpr_ros.models.base import ModelIdentity
@@ -88,7 +89,7 @@ def place_pose(index: int, offset: float = 0.0) -> Pose:
 
 def build_map(model, *, id_offset: int = 0, pose_offset: float = 0.0) -> PlaceDatabase:
     images = [synthetic_place(i) for i in range(PLACES)]
-    descriptors = Extractor(model, batch_size=PLACES).extract(images)
+    descriptors = TorchExtractor(model, batch_size=PLACES).extract(images)
     frames = [
         Frame(image=image, stamp_ns=i, pose=place_pose(i, pose_offset), pose_frame_id='test_map')
         for i, image in enumerate(images)
@@ -675,3 +676,45 @@ def test_invalid_parameters_are_refused_with_the_reason(changes: dict, expected:
 
 def test_the_default_parameters_are_valid() -> None:
     assert RelocalizeNodeConf().relocalization.top_k >= 1
+
+
+def test_the_node_runs_the_model_on_onnxruntime_when_an_export_fits_the_map(
+    maps: dict, default_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vpr_ros.extraction import CACHE_ENV, onnx_export_path
+    from vpr_ros.models.onnx_export import export_onnx
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / 'cache'))
+    name = default_model.name
+    export_onnx(default_model, onnx_export_path(name), registry_name=name)
+    with node_in_this_process({**PARAMS, 'map_dir': str(maps['dir'])}) as harness:
+        stamp = next_stamp()
+        harness.ask(harness.raw, raw_msg(query_image(2), stamp))
+        check_answer(harness, stamp, 2)
+        assert harness.spin_until(lambda: 'backend' in harness.values(), 5.0)
+        assert harness.values()['backend'] == 'onnxruntime'
+        # num_threads 1 reaches ONNX Runtime's session and faiss in the worker thread.
+        threads = json.loads(harness.values()['threads'])
+        assert threads['onnxruntime'] == threads['faiss'] == 1, threads
+
+
+def test_a_map_whose_checksums_fail_after_start_up_is_served_with_an_error_status(
+    maps: dict, tmp_path: Path
+) -> None:
+    """Checksums are checked after start-up (the first frame is not kept waiting for the
+    hashing of a large map): a damaged byte then turns /diagnostics to ERROR."""
+    maps['a'].save(tmp_path / 'map')
+    damaged = current_generation(tmp_path / 'map') / 'global_descriptors.npy'
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0x01  # one float's lowest bit: the file still loads
+    damaged.write_bytes(bytes(data))
+    with node_in_this_process({**PARAMS, 'map_dir': str(tmp_path / 'map')}) as harness:
+        stamp = next_stamp()
+        harness.ask(harness.raw, raw_msg(query_image(1), stamp))
+        assert hypotheses_from_cloud(harness.hypotheses[ns(stamp)])[0].place_id == 1
+        assert harness.spin_until(
+            lambda: harness.values().get('map_integrity', 'ok') != 'ok', 20.0
+        ), harness.values()
+        assert harness.status is not None
+        assert harness.status.level == DiagnosticStatus.ERROR
+        assert 'global_descriptors.npy' in harness.values()['map_integrity']

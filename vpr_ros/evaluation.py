@@ -60,7 +60,7 @@ from vpr_ros.sequence import SequenceConf, as_sequence_conf
 from vpr_ros.types import Frame, Hypothesis, Pose
 
 if TYPE_CHECKING:
-    from vpr_ros.extraction import Descriptors
+    from vpr_ros.extraction import Descriptors, Extractor
     from vpr_ros.models.base import VprModel
 
 RETRIEVAL = 'retrieval'
@@ -192,7 +192,7 @@ def ranking(result: RelocalizationResult, depth: int) -> list[int]:
 
 
 def build_reference_database(
-    model: VprModel,
+    model: VprModel | Extractor,
     images: Sequence[str | os.PathLike],
     *,
     positions: np.ndarray | None = None,
@@ -209,7 +209,7 @@ def build_reference_database(
     keyframe order sequence matching follows).
 
     Args:
-        model: the model.
+        model: the model, or an extractor running it.
         images: image files.
         positions: (N, 2) x, y metres (e.g. east/north), or None (the map then has no
             poses and every other candidate competes in the confidences).
@@ -275,7 +275,7 @@ def describe_queries(
 
 
 def make_relocalizers(
-    model: VprModel,
+    model: VprModel | Extractor,
     database: PlaceDatabase,
     methods: Mapping[str, RelocalizationConf],
     *,
@@ -386,7 +386,7 @@ def run_methods(
 
 
 def evaluate(
-    model: VprModel,
+    model: VprModel | Extractor,
     reference: PlaceDatabase | Sequence[str | os.PathLike],
     queries: Sequence[str | os.PathLike],
     positives: Sequence[Iterable[int]],
@@ -406,7 +406,8 @@ def evaluate(
     """Match ``queries`` against ``reference`` with every method and score each.
 
     Args:
-        model: the model (for a map: the one it was built with).
+        model: the model, or an extractor running it (``vpr_ros.extraction``; for a map:
+            the one it was built with).
         reference: a map, or reference image files (made into an in-memory map,
             ``build_reference_database``).
         queries: query image files, in the order they were taken.
@@ -475,6 +476,10 @@ def evaluate(
             else 'left out of Recall@N',
             skipped[0],
         )
+    from vpr_ros.extraction import as_extractor
+
+    # One extractor for the reference (in batches) and the queries (one at a time).
+    model = as_extractor(model, batch_size=batch_size, num_threads=num_threads)
     reference_seconds = 0.0
     if isinstance(reference, PlaceDatabase):
         database = reference

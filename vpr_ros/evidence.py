@@ -101,7 +101,7 @@ def make_hypotheses(
     """
     indices = np.asarray(indices, np.int64).reshape(-1)
     place_ids = database.places['place_id'][indices]
-    poses = database.poses[indices]
+    poses = database.poses_of(indices)  # O(K): database.poses would build all N per frame
     rerank = np.full(len(indices), np.nan) if rerank_scores is None else np.asarray(rerank_scores)
     return [
         Hypothesis(
@@ -200,6 +200,8 @@ class SequenceEvidence:
 
     ``rerank_score`` holds the trajectory's sequence score (mean enhanced similarity,
     higher is better), ``confidence`` the sequence confidence (0 for all but the best).
+    ``global_score`` is the query's global similarity to the place when matching on global
+    descriptors; on patch-normalised pixels it is NaN: the model does not run at all then.
 
     Raises:
         ConfigError: patch-normalised matching on a map that stores no sequence descriptors.
@@ -209,9 +211,8 @@ class SequenceEvidence:
         self.database = database
         self.conf, self._map_descriptors = sequence_setup(database, conf.sequence)
         self.sequence_conf = self.conf
-        descriptor = GLOBAL if self.conf.descriptor == 'global' else SEQUENCE
-        # The global descriptor also gives each hypothesis its global similarity.
-        self.needs = frozenset({descriptor, GLOBAL})
+        # Patch-normalised pixels need no model: the frame is never described.
+        self.needs = frozenset({GLOBAL if self.conf.descriptor == 'global' else SEQUENCE})
         self._matchers: dict[Hashable, SequenceMatcher] = {}
 
     def update(self, observation: Observation) -> list[Hypothesis]:

@@ -16,6 +16,12 @@ Decoding is bounded: an image with more pixels than ``max_pixels`` (default
 pixel is decoded, from the ``width``/``height`` fields of a raw image or from the header of
 a compressed one (read by Pillow, which parses only the header), so a small PNG that
 would decode to 16000 x 16000 costs nothing.
+
+Decoding can go straight to the size a consumer needs (``size``, e.g. the model's input
+size): a raw image is resized from the message buffer itself, so the frame is copied once,
+at that size; a JPEG is decoded at 1/2, 1/4 or 1/8 scale by the codec when that is still at
+least ``size`` (``cv2.IMREAD_REDUCED_COLOR_*``), then resized. The resize policy is the
+model's (``vpr_ros.models.preprocessing.resize_to``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import cv2
 import numpy as np
 
 from vpr_ros.errors import ImageDecodeError
+from vpr_ros.models.preprocessing import resize_to
 
 # encoding -> (channels, bytes per channel, cv2 conversion code to RGB or None)
 _ENCODINGS: dict[str, tuple[int, int, int | None]] = {
@@ -128,7 +135,12 @@ def compressed_image_size(data: Any) -> tuple[int, int] | None:
     return int(width), int(height)
 
 
-def image_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def image_to_rgb(
+    msg: Any,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Decode a raw ``sensor_msgs/Image`` into an RGB image.
 
     Supports the encodings in :data:`SUPPORTED_ENCODINGS`. ``mono16`` is reduced to 8 bit by
@@ -138,6 +150,8 @@ def image_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
     Args:
         msg: A ``sensor_msgs/Image`` (rosbags or rclpy).
         max_pixels: Refuse images with more pixels than this (None: no cap).
+        size: Decode straight to (height, width), resizing from the message buffer
+            (None: the image's own size).
 
     Returns:
         A new C-contiguous ``uint8`` array of shape (height, width, 3) in RGB order.
@@ -183,14 +197,23 @@ def image_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
     else:
         pixels = rows
     pixels = pixels.reshape(height, width, channels)
-    if conversion is None:
-        return pixels.copy(order='C')  # never a view of the (possibly read-only) message buffer
     if channels == 1:
         pixels = pixels[:, :, 0]
+    if size is not None:  # per-channel resizing commutes with the channel conversions
+        resized = resize_to(pixels, size)
+        if resized is not pixels:
+            return resized if conversion is None else cv2.cvtColor(resized, conversion)
+    if conversion is None:
+        return pixels.copy(order='C')  # never a view of the (possibly read-only) message buffer
     return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
 
 
-def compressed_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def compressed_to_rgb(
+    msg: Any,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG, ...) into an RGB image.
 
     ``format`` is only checked for ``compressedDepth``, which is not a colour image; the codec is
@@ -200,6 +223,8 @@ def compressed_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
     Args:
         msg: A ``sensor_msgs/CompressedImage`` (rosbags or rclpy).
         max_pixels: Refuse images whose header declares more pixels (None: no cap).
+        size: Decode straight to (height, width): a JPEG at a reduced scale that is still
+            at least this large, then resized (None: the image's own size).
 
     Returns:
         A ``uint8`` array of shape (H, W, 3) in RGB order.
@@ -218,30 +243,55 @@ def compressed_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
     data = _as_uint8(msg.data)
     if data.size == 0:
         raise _error('empty compressed image', f'format {fmt!r} message has no data bytes')
-    size = compressed_image_size(data)
-    if size is None:
+    header_size = compressed_image_size(data)
+    if header_size is None:
         detail = (
             f'{data.size} bytes of format {fmt!r} do not start with the header of an image '
             'format (jpeg, png, ...); the data is corrupt'
         )
         raise _error('corrupt compressed image', detail)
-    _check_pixels(*size, max_pixels, f'the {fmt!r} image')
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    _check_pixels(*header_size, max_pixels, f'the {fmt!r} image')
+    bgr = cv2.imdecode(data, _reduced_read_flag(header_size, size))
     if bgr is None:
         detail = (
             f'OpenCV cannot decode {data.size} bytes of format {fmt!r}; the data is corrupt '
             'or not an image codec OpenCV knows (jpeg, png, ...)'
         )
         raise _error('corrupt compressed image', detail)
+    if size is not None:
+        bgr = resize_to(bgr, size)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def msg_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+_REDUCED_READS = (
+    (8, cv2.IMREAD_REDUCED_COLOR_8),
+    (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (2, cv2.IMREAD_REDUCED_COLOR_2),
+)
+
+
+def _reduced_read_flag(header_size: tuple[int, int], size: tuple[int, int] | None) -> int:
+    """The largest reduced-scale read whose image still covers ``size`` (height, width)."""
+    if size is not None:
+        width, height = header_size
+        for factor, flag in _REDUCED_READS:
+            if width // factor >= size[1] and height // factor >= size[0]:
+                return flag
+    return cv2.IMREAD_COLOR
+
+
+def msg_to_rgb(
+    msg: Any,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Decode an ``Image`` or ``CompressedImage`` message, whichever ``msg`` is.
 
     Args:
         msg: A message with ``format`` (compressed) or ``encoding`` (raw).
         max_pixels: Refuse images with more pixels than this (None: no cap).
+        size: Decode straight to (height, width) (None: the image's own size).
 
     Returns:
         A ``uint8`` array of shape (H, W, 3) in RGB order.
@@ -250,9 +300,9 @@ def msg_to_rgb(msg: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.n
         ImageDecodeError: The message cannot be decoded, or is neither kind of image.
     """
     if hasattr(msg, 'format'):
-        return compressed_to_rgb(msg, max_pixels=max_pixels)
+        return compressed_to_rgb(msg, max_pixels=max_pixels, size=size)
     if hasattr(msg, 'encoding'):
-        return image_to_rgb(msg, max_pixels=max_pixels)
+        return image_to_rgb(msg, max_pixels=max_pixels, size=size)
     detail = (
         f'message of type {type(msg).__name__!r} has neither "encoding" nor "format"; '
         'pass a sensor_msgs/Image or sensor_msgs/CompressedImage'

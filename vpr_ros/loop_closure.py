@@ -154,7 +154,7 @@ class LoopClosureDetector:
         database: PlaceDatabase | None = None,
         num_threads: int | None = None,
     ) -> None:
-        from vpr_ros.extraction import Extractor
+        from vpr_ros.extraction import as_extractor
 
         relocalization = single_frame(relocalization)
         stored = [name for name in relocalization.rerankers if RERANKERS[name].store]
@@ -170,7 +170,7 @@ class LoopClosureDetector:
         self.builder = MapBuilder(model, build, database=database, num_threads=num_threads)
         self.builder.start_traverse()
         self.database = self.builder.database
-        self.extractor = Extractor(model, batch_size=1, num_threads=num_threads)
+        self.extractor = as_extractor(model, batch_size=1, num_threads=num_threads)
         self._num_threads = num_threads
         self._relocalizer: Relocalizer | None = None
         # Distance driven when each place was added (NaN: a place of a loaded map).

@@ -29,6 +29,7 @@ from vpr_ros.database import (
 from vpr_ros.errors import BagReadError, ConfigError, DatabaseError
 from vpr_ros.images import DEFAULT_MAX_PIXELS, TOO_LARGE_REASON
 from vpr_ros.keyframes import KeyframeConf, KeyframeSelector
+from vpr_ros.models.preprocessing import resize_to
 from vpr_ros.rerankers import RERANKERS, STORED_VERIFIERS
 from vpr_ros.rerankers.keypoints import keypoint_model
 from vpr_ros.retrieval import IndexConf
@@ -36,7 +37,7 @@ from vpr_ros.sequence import SequenceConf, patch_normalised_descriptor
 from vpr_ros.types import Frame, SkipCounter
 
 if TYPE_CHECKING:
-    from vpr_ros.extraction import Descriptors
+    from vpr_ros.extraction import Descriptors, Extractor
     from vpr_ros.models.base import VprModel
 
 
@@ -169,27 +170,30 @@ class MapBuilder:
     """Accumulates keyframes of one or more traverses into a ``PlaceDatabase``.
 
     Args:
-        model: the descriptor model.
+        model: the descriptor model, or an extractor running it (``vpr_ros.extraction``;
+            its batch size is its own).
         conf: the settings, or a mapping of overrides of the defaults.
         database: an existing map to append to (same model), or None for a new one.
-        num_threads: torch threads.
+        num_threads: threads for a model given as such (torch, faiss, BLAS).
     """
 
     def __init__(
         self,
-        model: VprModel,
+        model: VprModel | Extractor,
         conf: BuildConf | Mapping[str, Any] | None = None,
         *,
         database: PlaceDatabase | None = None,
         num_threads: int | None = None,
     ) -> None:
-        from vpr_ros.extraction import Extractor
+        from vpr_ros.extraction import as_extractor
 
         self.conf = conf if isinstance(conf, BuildConf) else BuildConf.from_dict(conf)
-        self.model = model
-        self.extractor = Extractor(model, batch_size=self.conf.batch_size, num_threads=num_threads)
+        self.extractor = as_extractor(
+            model, batch_size=self.conf.batch_size, num_threads=num_threads
+        )
+        identity = self.extractor.identity()
         if database is not None:
-            database.check_model(model.identity(), what='the model building on it')
+            database.check_model(identity, what='the model building on it')
             stores = database.feature_store_settings
             asked = self.conf.feature_stores()
             if asked and asked != stores:
@@ -203,7 +207,7 @@ class MapBuilder:
         # The keypoint models of the map's feature stores (an appended map keeps its own).
         self.keypoint_models = {name: keypoint_model(s) for name, s in stores.items()}
         self.database = database or PlaceDatabase.empty(
-            model.identity(),
+            identity,
             with_local=self.conf.local_features,
             index_conf=self.conf.index,
             sequence_conf=self.conf.sequence_settings(),
@@ -252,7 +256,7 @@ class MapBuilder:
             self.flush()
             self._add([(frame, sequence, stores)], descriptors)
             return True
-        small = replace(frame, image=self.model.preprocessing.resize(frame.image))
+        small = replace(frame, image=resize_to(frame.image, self.extractor.input_size))
         self._pending.append((small, sequence, stores))
         if len(self._pending) >= self.extractor.batch_size:
             self.flush()
@@ -319,7 +323,7 @@ class MapBuilder:
 
 
 def build_map(
-    model: VprModel,
+    model: VprModel | Extractor,
     bags: Sequence[str | os.PathLike],
     image_topic: str,
     pose_topic: str | None,
@@ -347,7 +351,7 @@ def build_map(
 
 
 def _build_map(
-    model: VprModel,
+    model: VprModel | Extractor,
     bags: Sequence[str | os.PathLike],
     image_topic: str,
     pose_topic: str | None,
@@ -357,12 +361,16 @@ def _build_map(
     num_threads: int | None,
     progress: bool,
 ) -> BuildSummary:
+    from vpr_ros.extraction import as_extractor
+
     start = time.perf_counter()
     database = None
+    conf = conf if isinstance(conf, BuildConf) else BuildConf.from_dict(conf)
+    extractor = as_extractor(model, batch_size=conf.batch_size, num_threads=num_threads)
     if append and PlaceDatabase.is_map(out_dir):
-        database = PlaceDatabase.load(out_dir, expected_model=model.identity(), mmap=False)
+        database = PlaceDatabase.load(out_dir, expected_model=extractor.identity(), mmap=False)
         logger.info('appending to %r (%d places)', str(out_dir), len(database))
-    builder = MapBuilder(model, conf, database=database, num_threads=num_threads)
+    builder = MapBuilder(extractor, conf, database=database)
     places_before = len(builder.database)
     summary = BuildSummary()
     bag_paths = [Path(bag) for bag in bags]

@@ -5,7 +5,9 @@ descriptor (the map's ``Index``) -> re-score the best ``rerank_k`` (a ``Reranker
 optionally verify the best ``verify_k`` of those with a second, stronger re-ranker (the
 ``verifier``, e.g. top-20 -> MNN -> top-3 verified by XFeat + LighterGlue) -> the mode's
 ``PlaceEvidence`` turns that into hypotheses with confidences. Each stage runs only when
-the evidence needs it (``PlaceEvidence.needs``). With the camera's intrinsics, verifying
+the evidence needs it (``PlaceEvidence.needs``): sequence matching on patch-normalised
+pixels runs no model at all. The model runs behind the ``extraction.Extractor`` seam (torch
+or ONNX Runtime). With the camera's intrinsics, verifying
 re-rankers also give each verified place the query's relative pose. The relocalize node,
 ``evaluate``, training's validation and the benchmarks all run this class.
 """
@@ -41,7 +43,7 @@ from vpr_ros.types import CameraIntrinsics, Hypothesis
 # torch-heavy modules are imported where they are used, so that RelocalizationConf is cheap
 # to import (command-line --help, settings tables).
 if TYPE_CHECKING:
-    from vpr_ros.extraction import Descriptors
+    from vpr_ros.extraction import Descriptors, Extractor
     from vpr_ros.models.base import VprModel
 
 MODES = tuple(EVIDENCE)
@@ -158,10 +160,11 @@ class Relocalizer:
     """Matches query images against a place database.
 
     Args:
-        model: the model; it must be the one the map was built with.
+        model: the model, or an extractor running it (``vpr_ros.extraction``); it must be
+            the one the map was built with.
         database: the map.
         conf: the settings, or a mapping of overrides of the defaults.
-        num_threads: torch threads for the model.
+        num_threads: threads for a model given as such (torch, faiss, BLAS).
 
     Raises:
         DatabaseError: the map was built by another model, or lacks what the re-ranker reads.
@@ -170,21 +173,20 @@ class Relocalizer:
 
     def __init__(
         self,
-        model: VprModel,
+        model: VprModel | Extractor,
         database: PlaceDatabase,
         conf: RelocalizationConf | Mapping[str, Any] | None = None,
         *,
         num_threads: int | None = None,
     ) -> None:
-        from vpr_ros.extraction import Extractor
+        from vpr_ros.extraction import as_extractor
 
         if not isinstance(conf, RelocalizationConf):
             conf = RelocalizationConf.from_dict(conf)
         self.conf = conf
-        database.check_model(model.identity())
-        self.model = model
+        self.extractor = as_extractor(model, batch_size=1, num_threads=num_threads)
+        database.check_model(self.extractor.identity())
         self.database = database
-        self.extractor = Extractor(model, batch_size=1, num_threads=num_threads)
         self.evidence: PlaceEvidence = EVIDENCE[conf.mode](database, conf)
         self.reranker: Reranker | None = None
         self.verifier: Reranker | None = None
@@ -206,6 +208,21 @@ class Relocalizer:
     def needs(self) -> frozenset[str]:
         """What each frame's observation holds (see ``vpr_ros.evidence``)."""
         return self.evidence.needs
+
+    @property
+    def describes(self) -> bool:
+        """Whether a frame runs the model: retrieval, re-ranking or the evidence need its
+        descriptors."""
+        return self.reranker is not None or bool({RETRIEVAL, GLOBAL} & self.evidence.needs)
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(height, width) a frame may be decoded to straight away, or None when a stage
+        reads the full-resolution image (keypoint re-rankers)."""
+        rerankers = [r for r in (self.reranker, self.verifier) if r is not None]
+        if any(r.needs_image for r in rerankers):
+            return None
+        return self.extractor.input_size
 
     def reset_sequences(self) -> None:
         """Forget every stream's recent frames (after a jump, or a pause)."""
@@ -235,7 +252,7 @@ class Relocalizer:
         filter's motion model.
         """
         start = time.perf_counter()
-        descriptors = self.describe(image)
+        descriptors = self.describe(image) if self.describes else None
         extracted = time.perf_counter()
         result = self.relocalize_described(
             image,
@@ -246,13 +263,14 @@ class Relocalizer:
             stamp=stamp,
             odometry_xyz=odometry_xyz,
         )
-        result.timings['extract'] = extracted - start
+        if descriptors is not None:
+            result.timings['extract'] = extracted - start
         return result
 
     def relocalize_described(
         self,
         image: np.ndarray | None,
-        descriptors: Descriptors,
+        descriptors: Descriptors | None,
         stream: Hashable = 0,
         camera: CameraIntrinsics | None = None,
         *,
@@ -265,19 +283,24 @@ class Relocalizer:
         description serves several pipelines; ``image`` feeds image-based stages.
 
         ``exclude``: (N,) bool over the map's places; retrieval never returns the places it
-        marks (e.g. the recent past, for loop closure).
+        marks (e.g. the recent past, for loop closure). ``descriptors`` may be None when the
+        pipeline does not describe frames (``describes``).
         """
         timings: dict[str, float] = {}
         started = time.perf_counter()
         needs = self.evidence.needs
         candidates = np.zeros(0, np.int64)
         global_scores = np.zeros(0, np.float32)
-        query_global = descriptors.global_descriptors[0]
+        if descriptors is None and self.describes:
+            raise ValueError('this pipeline needs the query descriptors (describes is True)')
+        query_global = None if descriptors is None else descriptors.global_descriptors[0]
         if RETRIEVAL in needs:
+            assert query_global is not None
             candidates, global_scores = self.retrieve(query_global, exclude, prior=prior)
             timings['retrieve'] = time.perf_counter() - started
         reranked: Reranked | None = None
         if self.reranker is not None:
+            assert descriptors is not None
             begun = time.perf_counter()
             head = candidates[: self.conf.rerank_k]
             query = self.reranker.query_features(image, descriptors, camera)

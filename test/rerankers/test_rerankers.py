@@ -14,7 +14,7 @@ import pytest
 
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.errors import ConfigError, DatabaseError, ModelError
-from vpr_ros.extraction import Extractor
+from vpr_ros.extraction import TorchExtractor
 from vpr_ros.mapping import BuildConf, MapBuilder
 from vpr_ros.rerankers import (
     RERANKERS,
@@ -85,7 +85,7 @@ def database(default_model) -> PlaceDatabase:
 @pytest.fixture(scope='module')
 def query(default_model) -> tuple[np.ndarray, object]:
     image = seen_through_homography(textured_scene(TRUE_PLACE))
-    return image, Extractor(default_model, batch_size=1).extract([image])
+    return image, TorchExtractor(default_model, batch_size=1).extract([image])
 
 
 @pytest.mark.parametrize('name', list(RERANKERS))

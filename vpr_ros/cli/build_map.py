@@ -17,6 +17,7 @@ from vpr_ros import logger
 from vpr_ros.cli.common import parse_with_params_file, run_cli
 from vpr_ros.config import add_arguments, conf_from_args
 from vpr_ros.database import check_map_target, map_lock
+from vpr_ros.extraction import AUTO, BACKENDS
 from vpr_ros.mapping import BuildConf
 from vpr_ros.models import DEFAULT_MODEL, available_models, check_model_source
 
@@ -61,6 +62,13 @@ def make_parser() -> argparse.ArgumentParser:
         help=f'model name {available_models()} or a path to an exported model',
     )
     parser.add_argument(
+        '--backend',
+        default=AUTO,
+        choices=BACKENDS,
+        help="how the model runs: 'auto' takes ONNX Runtime when an export of the model "
+        'exists (export_onnx), else torch',
+    )
+    parser.add_argument(
         '--append',
         action='store_true',
         help='add the bags to an existing map at --out (same model) instead of replacing it',
@@ -81,7 +89,9 @@ def make_parser() -> argparse.ArgumentParser:
         help='wait this long for another build_map or map_builder writing the same map '
         '(0: fail at once with its PID)',
     )
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument(
+        '--threads', type=int, default=None, help='CPU threads of the model and BLAS'
+    )
     parser.add_argument(
         '--workers',
         type=int,
@@ -114,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vpr_ros.bagio import check_bags
 
         check_bags(args.bags, args.image_topic, args.pose_topic)
+        from vpr_ros.extraction import open_extractor
         from vpr_ros.mapping import build_map
-        from vpr_ros.models import load_model
 
         if args.workers > 1 or args.ray_address:
             from vpr_ros.distributed import build_map_ray
@@ -137,7 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f'map written to {args.out}')
             return 0
         with map_lock(args.out, timeout_s=args.lock_timeout_s):
-            model = load_model(args.model)
+            model = open_extractor(
+                args.model,
+                backend=args.backend,
+                batch_size=conf.batch_size,
+                num_threads=args.threads,
+            )
             summary = build_map(
                 model,
                 args.bags,
@@ -150,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
         print(summary.report())
+        print(f'model:              {model.name} on {model.backend}')
         print(f'map written to {args.out}')
         return 0
 

@@ -40,6 +40,7 @@ from vpr_ros.cli.common import parse_with_params_file, run_cli
 from vpr_ros.config import add_arguments, conf_from_args
 from vpr_ros.errors import ConfigError
 from vpr_ros.evaluation import FILTER, METHODS, RERANKED, RETRIEVAL, SEQUENCE, method_confs
+from vpr_ros.extraction import AUTO, BACKENDS
 from vpr_ros.ground_truth import (
     GROUND_TRUTHS,
     GroundTruthConf,
@@ -128,6 +129,13 @@ def make_parser() -> argparse.ArgumentParser:
         help=f'model name {available_models()} or a path to an exported model',
     )
     parser.add_argument(
+        '--backend',
+        default=AUTO,
+        choices=BACKENDS,
+        help="how the model runs: 'auto' takes ONNX Runtime when an export of the model "
+        'exists (export_onnx) and no --image-size is given, else torch',
+    )
+    parser.add_argument(
         '--image-size',
         type=int,
         nargs=2,
@@ -171,7 +179,10 @@ def make_parser() -> argparse.ArgumentParser:
         '--batch-size', type=int, default=8, help='reference images per forward pass'
     )
     parser.add_argument(
-        '--threads', type=int, default=None, help='torch and faiss CPU threads (None: all cores)'
+        '--threads',
+        type=int,
+        default=None,
+        help='CPU threads of the model, faiss and BLAS (None: all cores)',
     )
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
     return parser
@@ -275,11 +286,21 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         soft_positives = [truth.soft_positives[i] for i in selected]
     require_a_positive(positives)  # before the model and any extraction
 
-    from vpr_ros.models import load_model
+    from vpr_ros.extraction import open_extractor
     from vpr_ros.results import write_results
 
+    extractor = open_extractor(
+        args.model,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        num_threads=args.threads,
+        overrides=overrides,
+        # 'auto' passes over an export that is not the model the map was built with.
+        expected=matched_against.model if isinstance(matched_against, PlaceDatabase) else None,
+    )
+    settings['backend'] = extractor.backend
     result = evaluate(
-        load_model(args.model, overrides),
+        extractor,
         matched_against,
         queries.paths,
         positives,

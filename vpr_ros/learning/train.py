@@ -153,12 +153,12 @@ def describe_images(
     desc: str = 'describe',
     progress: bool = True,
 ) -> np.ndarray:
-    """Global descriptors (N, D) float32 of image files, by ``extraction.Extractor``; the
+    """Global descriptors (N, D) float32 of image files, by ``extraction.TorchExtractor``; the
     model's training mode is restored afterwards."""
-    from vpr_ros.extraction import Extractor
+    from vpr_ros.extraction import TorchExtractor
 
     was_training = model.training
-    extractor = Extractor(model, batch_size=batch_size)
+    extractor = TorchExtractor(model, batch_size=batch_size)
     out = np.zeros((len(paths), model.global_dim), np.float32)
     start = 0
     with tqdm(total=len(paths), desc=desc, leave=False, disable=not progress) as bar:

@@ -336,6 +336,9 @@ def save_model(model: VprModel, out_dir: str | os.PathLike[str]) -> Path:
     conf = model.export_conf()
     conf['name'] = model.name
     state = {k: v.detach().contiguous() for k, v in model.export_state_dict().items()}
+    # ONNX exports beside the model were made from the weights being replaced.
+    for stale in ('model.onnx', 'model.int8.onnx'):
+        (out_dir / stale).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         save_file(state, str(Path(tmp) / EXPORT_WEIGHTS_FILE))
         (Path(tmp) / EXPORT_CONF_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True))

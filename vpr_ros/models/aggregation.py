@@ -28,8 +28,10 @@ class GeM(nn.Module):
         self.out_dim = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.avg_pool2d(x.clamp(min=self.eps).pow(self.p), (x.shape[-2], x.shape[-1]))
-        return pooled.pow(1.0 / self.p).flatten(1)
+        # A mean over the map, not avg_pool2d with the map's size as kernel: the same
+        # numbers, and an ONNX export with a free input size (kernel sizes must be fixed).
+        pooled = x.clamp(min=self.eps).pow(self.p.view(1, -1, 1, 1)).mean(dim=(-2, -1))
+        return pooled.pow(1.0 / self.p)
 
 
 @contextmanager

@@ -374,7 +374,8 @@ class SelaVpr(VprModel):
         tokens = self.backbone.forward_features(images)[:, self.backbone.num_prefix_tokens :]
         patch_h, patch_w = self.backbone.patch_embed.patch_size
         h, w = images.shape[-2] // patch_h, images.shape[-1] // patch_w
-        return tokens.transpose(1, 2).reshape(len(images), -1, h, w)
+        # images.shape[0], not len(images): the ONNX export's batch size stays free.
+        return tokens.transpose(1, 2).reshape(images.shape[0], -1, h, w)
 
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.patch_tokens(images)

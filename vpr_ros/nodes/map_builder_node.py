@@ -41,9 +41,10 @@ from std_srvs.srv import Trigger
 from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase, check_map_target, map_lock
 from vpr_ros.errors import ConfigError, ImageDecodeError, VprError
+from vpr_ros.extraction import AUTO, BACKENDS, open_extractor
 from vpr_ros.images import failure_reason, msg_to_rgb
 from vpr_ros.mapping import BuildConf, MapBuilder
-from vpr_ros.models import DEFAULT_MODEL, load_model
+from vpr_ros.models import DEFAULT_MODEL
 from vpr_ros.nodes.common import (
     CAMERA_QOS,
     POSE_QOS,
@@ -79,6 +80,12 @@ class MapBuilderNodeConf(Conf):
 
     map_dir: str = option('', 'Directory the map is saved to (required)')
     model: str = option(DEFAULT_MODEL, 'Model registry name or exported model directory')
+    backend: str = option(
+        AUTO,
+        "How the model runs: 'auto' (ONNX Runtime when an export of the model exists "
+        "(export_onnx), else torch), 'onnxruntime' or 'torch'",
+        choices=BACKENDS,
+    )
     camera_topic: str = option('image', 'Camera topic (a relative name, so it can be remapped)')
     camera_transport: str = option(
         'raw',
@@ -102,7 +109,9 @@ class MapBuilderNodeConf(Conf):
     )
     build: BuildConf = nested(BuildConf, flatten=True, default=BuildConf(batch_size=1))
     append: bool = option(False, 'Extend an existing map at map_dir instead of refusing it')
-    num_threads: int = option(2, 'Torch CPU threads (0: torch default)', min=0)
+    num_threads: int = option(
+        2, 'CPU threads of the model (ONNX Runtime or torch) and BLAS (0: their default)', min=0
+    )
     queue_size: int = option(
         64,
         'Frames with a pose waiting for the model; beyond this, new frames are dropped '
@@ -138,7 +147,12 @@ class MapBuilderNode(Node):
         # This node writes the map until it shuts down: hold the writer lock all along.
         self._writer_lock.enter_context(map_lock(self.map_dir))
         try:
-            model = load_model(conf.model)
+            model = open_extractor(
+                conf.model,
+                backend=conf.backend,
+                batch_size=conf.build.batch_size,
+                num_threads=conf.num_threads or None,
+            )
             database = None
             if conf.append and PlaceDatabase.is_map(self.map_dir):
                 database = PlaceDatabase.load(self.map_dir, expected_model=model.identity())
@@ -146,9 +160,7 @@ class MapBuilderNode(Node):
             self._writer_lock.close()
             raise
         self._model_name = model.name
-        self.builder = MapBuilder(
-            model, conf.build, database=database, num_threads=conf.num_threads or None
-        )
+        self.builder = MapBuilder(model, conf.build, database=database)
         self.builder.start_traverse()
         self._builder_lock = threading.Lock()  # the worker offers, ~/save saves
 

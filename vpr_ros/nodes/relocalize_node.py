@@ -41,6 +41,12 @@ Services: ``~/relocalize`` (``std_srvs/Trigger``) publishes the next confident a
 says which; ``~/reload_map`` (``std_srvs/Trigger``) loads ``map_dir`` again and swaps it in;
 ``~/enable`` (``std_srvs/SetBool``) pauses and resumes processing.
 
+Start-up: the model (ONNX Runtime when an export fits, else torch: ``backend``) loads in a
+thread while the map loads; the map's checksums are checked after start-up by a
+low-priority thread (``background_checksums``), whose failure is an ERROR on
+``/diagnostics``. The worker caps its own threads (``num_threads``: faiss's OpenMP threads
+are per thread) and decodes frames straight to the model's input size.
+
 Run: ``relocalize --ros-args --params-file config/relocalize.yaml -p map_dir:=/path/to/map``.
 """
 
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import os
 import threading
 import time
@@ -72,11 +79,13 @@ from vpr_ros.config import Conf, nested, option
 from vpr_ros.database import PlaceDatabase
 from vpr_ros.dds import no_frames_hint
 from vpr_ros.errors import ConfigError, DatabaseError, ImageDecodeError, VprError
+from vpr_ros.extraction import AUTO, BACKENDS, Extractor, open_extractor
 from vpr_ros.frames import is_drifting_frame, map_pose_frame
 from vpr_ros.health import DROPPED, RECEIVED, HealthConf, assess
 from vpr_ros.images import DEFAULT_MAX_PIXELS, failure_reason, msg_to_rgb
 from vpr_ros.loop_closure import LoopClosureConf, LoopClosureDetector, update_place_poses
 from vpr_ros.models import DEFAULT_MODEL, available_models, load_model
+from vpr_ros.models.identity import ModelIdentity
 from vpr_ros.nodes.common import (
     CAMERA_QOS,
     POSE_QOS,
@@ -109,15 +118,16 @@ from vpr_ros.pose_policy import (
 )
 from vpr_ros.poses import POSE_TYPES, LocalPose, PoseTrackBuilder
 from vpr_ros.relocalization import RelocalizationConf, Relocalizer
+from vpr_ros.runtime import set_num_threads, thread_limits
 from vpr_ros.types import CameraIntrinsics, Hypothesis, Pose
+
+if TYPE_CHECKING:
+    from vpr_ros.models.base import VprModel
 
 try:
     from rclpy.event_handler import SubscriptionEventCallbacks
 except ImportError:  # ROS 2 Humble
     from rclpy.qos_event import SubscriptionEventCallbacks
-
-if TYPE_CHECKING:
-    from vpr_ros.models.base import VprModel
 
 NODE_NAME = 'relocalize'
 
@@ -189,7 +199,13 @@ class RelocalizeNodeConf(Conf):
         '',
         'Model registry name or exported model directory; it must be the model the map was '
         "built with (empty: the registry model named in the map's manifest; in loop-closure "
-        f'mode without a map, {DEFAULT_MODEL})',
+        f'mode without a map, {DEFAULT_MODEL}), or an .onnx file written by export_onnx',
+    )
+    backend: str = option(
+        AUTO,
+        "How the model runs: 'auto' (ONNX Runtime when an export of the model exists and "
+        "fits the map (export_onnx), else torch), 'onnxruntime' or 'torch'",
+        choices=BACKENDS,
     )
     camera_topics: list[str] = option(
         ['image'],
@@ -271,7 +287,12 @@ class RelocalizeNodeConf(Conf):
         unit='Hz',
         min=0.0,
     )
-    num_threads: int = option(0, 'Torch threads for the model (0: torch default)', min=0)
+    num_threads: int = option(
+        0,
+        'CPU threads of the model (ONNX Runtime or torch), faiss retrieval and BLAS (0: each '
+        "library's default, one per core); on a robot that also runs SLAM, 1 or 2",
+        min=0,
+    )
     max_image_pixels: int = option(
         DEFAULT_MAX_PIXELS,
         'Frames with more pixels (width * height, from the message fields or the compressed '
@@ -392,9 +413,9 @@ class _Stats(NodeStats):
         self.places_moved = 0
 
 
-def _load_model_for_map(map_dir: str, model_name: str) -> VprModel:
-    """The model to query ``map_dir`` with; reads the map's manifest first, so a missing or
-    broken map fails before the (slow) model load."""
+def _map_model(map_dir: str, model_name: str) -> tuple[str, ModelIdentity]:
+    """The model to query ``map_dir`` with (a name or path) and the identity the map records;
+    reads only the map's manifest, so a missing or broken map fails before the model loads."""
     if not map_dir:
         msg = 'parameter map_dir is empty; pass -p map_dir:=/path/to/map (written by build_map)'
         raise ConfigError(msg)
@@ -405,15 +426,48 @@ def _load_model_for_map(map_dir: str, model_name: str) -> VprModel:
     if not isinstance(map_model, str):
         msg = f'map {map_dir!r} has a malformed manifest (no model name); rebuild the map'
         raise DatabaseError(msg)
+    try:
+        assert isinstance(record, dict)
+        identity = ModelIdentity.from_dict(record)
+    except (KeyError, TypeError) as err:
+        msg = f'map {map_dir!r} has a malformed model record ({err}); rebuild the map'
+        raise DatabaseError(msg) from err
     if model_name:
-        return load_model(model_name)
+        return model_name, identity
     if map_model not in available_models():
         msg = (
             f'map {map_dir!r} was built with model {map_model!r}, which is not a registry name '
             f'{available_models()}; set the parameter model to its exported model directory'
         )
         raise ConfigError(msg)
-    return load_model(map_model)
+    return map_model, identity
+
+
+class _Loading(threading.Thread):
+    """Opens the extractor in a thread of its own, so the model loads while the map does."""
+
+    def __init__(self, source: str, backend: str, num_threads: int | None, expected: Any) -> None:
+        super().__init__(name='relocalize-model-load', daemon=True)
+        self._args = (source, backend, num_threads, expected)
+        self.extractor: Extractor | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        source, backend, num_threads, expected = self._args
+        try:
+            self.extractor = open_extractor(
+                source, backend=backend, batch_size=1, num_threads=num_threads, expected=expected
+            )
+        except BaseException as err:  # re-raised in the node's thread
+            self.error = err
+
+    def result(self) -> Extractor:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.extractor is not None
+        return self.extractor
 
 
 def _yaw_deg(pose: Pose) -> float:
@@ -457,7 +511,8 @@ class RelocalizeNode(LifecycleNode):
         self._configure_error: BaseException | None = None
         # What configure loads and cleanup frees (guarded by _map_lock).
         self._map_lock = threading.Lock()
-        self._model: VprModel | None = None
+        self._model: VprModel | Extractor | None = None
+        self._thread_limits: dict[str, int] = {}
         self._relocalizer: Relocalizer | None = None
         self._detector: LoopClosureDetector | None = None
         self._map_dir = ''
@@ -622,10 +677,11 @@ class RelocalizeNode(LifecycleNode):
         map_dir = os.path.expanduser(conf.map_dir)
         start = time.perf_counter()
         loop_closure = conf.loop_closure
+        model: VprModel | Extractor
         if loop_closure.enabled:
             database = None
             if map_dir and PlaceDatabase.is_map(map_dir):
-                model = _load_model_for_map(map_dir, conf.model)
+                model = load_model(_map_model(map_dir, conf.model)[0])
                 database = PlaceDatabase.load(map_dir, expected_model=model.identity())
             else:
                 model = load_model(conf.model or DEFAULT_MODEL)
@@ -641,8 +697,16 @@ class RelocalizeNode(LifecycleNode):
             where = f'map {map_dir!r}' if database is not None else 'the live map'
             relocalizer = None
         else:
-            model = _load_model_for_map(map_dir, conf.model)
-            relocalizer = self._open_map(model, map_dir)
+            # The model loads (torch or ONNX Runtime) while the map does.
+            source, map_identity = _map_model(map_dir, conf.model)
+            loading = _Loading(source, conf.backend, self._num_threads, map_identity)
+            try:
+                database = self._load_map(map_dir)
+            finally:
+                extractor = loading.result()
+            database.check_model(extractor.identity())
+            relocalizer = Relocalizer(extractor, database, conf.relocalization)
+            model = extractor
             relocalizer.relocalize(np.zeros((480, 640, 3), np.uint8))  # warm-up: first frame
             relocalizer.reset_sequences()  # the warm-up frame is not part of any history
             places, strings = relocalizer.database.places, relocalizer.database.strings
@@ -821,13 +885,20 @@ class RelocalizeNode(LifecycleNode):
             for topic, transport in zip(self._topics, self._transports)
         )
 
-    def _open_map(self, model: VprModel, map_dir: str) -> Relocalizer:
+    @staticmethod
+    def _load_map(map_dir: str, model: VprModel | Extractor | None = None) -> PlaceDatabase:
         # Sizes and headers now; chunk checksums in the background, so that start-up does
         # not grow with the map (a failed chunk makes its places unusable, and is logged).
         database = PlaceDatabase.load(
-            map_dir, expected_model=model.identity(), verify_checksums=False
+            map_dir,
+            expected_model=None if model is None else model.identity(),
+            verify_checksums=False,
         )
         database.verify_in_background()
+        return database
+
+    def _open_map(self, model: VprModel | Extractor, map_dir: str) -> Relocalizer:
+        database = self._load_map(map_dir, model)
         return Relocalizer(
             model, database, self.conf.relocalization, num_threads=self._num_threads
         )
@@ -847,7 +918,7 @@ class RelocalizeNode(LifecycleNode):
             current = self._relocalizer
             if current is not None and conf.relocalization != current.conf:
                 self._relocalizer = Relocalizer(
-                    current.model,
+                    current.extractor,
                     current.database,
                     conf.relocalization,
                     num_threads=self._num_threads,
@@ -1138,6 +1209,8 @@ class RelocalizeNode(LifecycleNode):
             'map_places': places,
             'map_frame': self._map_frame,
             'model': self._model.name if self._model is not None else '',
+            'backend': getattr(self._model, 'backend', 'torch') if self._model else '',
+            'threads': json.dumps(self._thread_limits, sort_keys=True),
             'last_best': self._stats.last_best,
             'last_error': stats.last_error,
         }
@@ -1202,6 +1275,9 @@ class RelocalizeNode(LifecycleNode):
 
     def _work(self) -> None:
         stop, frames = self._stop, self._frames
+        # faiss's OpenMP threads are this thread's own setting: cap them here.
+        set_num_threads(self._num_threads)
+        self._thread_limits = thread_limits()
         last_start = -float('inf')
         while not stop.is_set():
             max_rate = self.conf.max_rate_hz
@@ -1227,8 +1303,12 @@ class RelocalizeNode(LifecycleNode):
     def _process(self, pending: _Pending) -> None:
         msg = pending.msg
         started = time.monotonic()
+        with self._map_lock:
+            relocalizer = self._relocalizer
         try:
-            rgb = msg_to_rgb(msg, max_pixels=self.conf.max_image_pixels)
+            # Straight to the model's input size where no stage needs the full image.
+            size = relocalizer.image_size if relocalizer is not None else None
+            rgb = msg_to_rgb(msg, max_pixels=self.conf.max_image_pixels, size=size)
         except ImageDecodeError as err:
             self._stats.error(failure_reason(err), str(err))
             self.get_logger().warning(

@@ -52,9 +52,15 @@ if TYPE_CHECKING:
 
 
 class Reranker(Protocol):
-    """Scores retrieved candidates of one map for one query; higher is better."""
+    """Scores retrieved candidates of one map for one query; higher is better.
+
+    ``needs_image``: whether ``query_features`` reads the query image at its full
+    resolution (otherwise the model's descriptors, or an image at the model's input size,
+    serve).
+    """
 
     name: str
+    needs_image: bool
 
     def check_map(self, database: PlaceDatabase) -> None:
         """Raise ``DatabaseError`` (saying how to rebuild) when the map lacks what this

@@ -381,6 +381,8 @@ class KeypointReranker:
 
     name: ClassVar[str]
     store: ClassVar[str | None]
+    # Keypoints come from the query image at its own resolution (the intrinsics' pixels).
+    needs_image: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -48,6 +48,14 @@ def mutual_nn_mask(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.gather(nn21, -1, nn12) == rows, nn12
 
 
+def _mutual_nn(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``mutual_nn_mask`` in numpy: the re-rankers run without torch."""
+    nn12 = sim.argmax(axis=-1)
+    nn21 = sim.argmax(axis=-2)
+    rows = np.arange(sim.shape[-2])
+    return np.take_along_axis(nn21, nn12, axis=-1) == rows, nn12
+
+
 def mutual_nn_matches(
     query: np.ndarray | torch.Tensor,
     candidate: np.ndarray | torch.Tensor,
@@ -60,13 +68,11 @@ def mutual_nn_matches(
         candidate: (L2, C) L2-normalised local features.
         min_similarity: matches whose cosine similarity is below this are dropped.
     """
-    import torch
-
-    sim = _as_tensor(query) @ _as_tensor(candidate).T
-    mutual, nn12 = mutual_nn_mask(sim)
-    rows = torch.arange(sim.shape[0])
+    sim = _as_array(query) @ _as_array(candidate).T
+    mutual, nn12 = _mutual_nn(sim)
+    rows = np.arange(sim.shape[0])
     keep = mutual & (sim[rows, nn12] >= min_similarity)
-    return rows[keep].numpy(), nn12[keep].numpy()
+    return rows[keep], nn12[keep]
 
 
 def mnn_matches_batch(
@@ -85,9 +91,7 @@ def mnn_matches_batch(
         ``matched`` (K, L1) bool: query location i has an MNN match in candidate k;
         ``nn12`` (K, L1) int64: the candidate location each query location matches.
     """
-    import torch
-
-    q = _as_tensor(query)
+    q = _as_array(query)
     count, length = len(candidates), q.shape[0]
     matched = np.zeros((count, length), bool)
     nearest = np.zeros((count, length), np.int64)
@@ -95,12 +99,12 @@ def mnn_matches_batch(
         return matched, nearest
     per_chunk = max(1, _MAX_ENTRIES_PER_CHUNK // (length * max(1, candidates.shape[1])))
     for start in range(0, count, per_chunk):
-        c = _as_tensor(candidates[start : start + per_chunk])
-        sim = torch.einsum('lc,kmc->klm', q, c)  # (k, L1, L2)
-        mutual, nn12 = mutual_nn_mask(sim)  # (k, L1)
-        best12 = torch.gather(sim, 2, nn12.unsqueeze(-1)).squeeze(-1)
-        matched[start : start + len(c)] = (mutual & (best12 >= min_similarity)).numpy()
-        nearest[start : start + len(c)] = nn12.numpy()
+        c = _as_array(candidates[start : start + per_chunk])
+        sim = np.matmul(q, c.transpose(0, 2, 1))  # (k, L1, L2)
+        mutual, nn12 = _mutual_nn(sim)  # (k, L1)
+        best12 = np.take_along_axis(sim, nn12[..., None], axis=2)[..., 0]
+        matched[start : start + len(c)] = mutual & (best12 >= min_similarity)
+        nearest[start : start + len(c)] = nn12
     return matched, nearest
 
 
@@ -126,11 +130,11 @@ def mnn_scores(
     return scores
 
 
-def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
-    import torch
-
-    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
-    return tensor.float()
+def _as_array(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    """float32 numpy features (a torch tensor is detached and copied to the CPU)."""
+    if hasattr(array, 'detach'):
+        array = array.detach().cpu().float().numpy()
+    return np.asarray(array, np.float32)
 
 
 def stored_local_features(database: PlaceDatabase, candidates: np.ndarray) -> np.ndarray:
@@ -150,6 +154,7 @@ class MnnReranker:
 
     name: ClassVar[str] = 'mnn'
     store: ClassVar[str | None] = None
+    needs_image: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ class MnnRansacReranker:
 
     name: ClassVar[str] = 'mnn_ransac'
     store: ClassVar[str | None] = None
+    needs_image: ClassVar[bool] = False
 
     def __init__(
         self,
