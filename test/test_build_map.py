@@ -277,6 +277,8 @@ def test_cli_runs_the_model_on_onnxruntime_when_an_export_exists(
     identity = load_model(model).identity()
     on_torch = PlaceDatabase.load(tmp_path / 'torch_map', expected_model=identity)
     on_onnx = PlaceDatabase.load(tmp_path / 'onnx_map', expected_model=identity)
-    cosine = np.sum(on_torch.global_descriptors * on_onnx.global_descriptors, axis=1)
+    cosine = np.sum(
+        np.asarray(on_torch.global_descriptors) * np.asarray(on_onnx.global_descriptors), axis=1
+    )
     assert len(on_onnx) == len(on_torch) == 4
     assert cosine.min() >= 1 - 1e-4

@@ -71,7 +71,9 @@ def test_without_re_ranking_the_global_similarity_orders(default_model, route_ma
 
 
 def test_a_position_prior_keeps_the_answer_within_its_radius(default_model, route_map) -> None:
-    relocalizer = Relocalizer(default_model, route_map, {'top_k': 8, 'rerank_k': 5})
+    relocalizer = Relocalizer(
+        default_model, route_map, {'mode': 'single', 'top_k': 8, 'rerank_k': 5}
+    )
     image = viewed_again(synthetic_place(7, SIZE))
     assert relocalizer.relocalize(image).best.place_index == 7
     # The robot says it is near place 15 (75 m): place 7 (35 m) is out of reach.
@@ -79,6 +81,11 @@ def test_a_position_prior_keeps_the_answer_within_its_radius(default_model, rout
     result = relocalizer.relocalize(image, prior=near)
     assert {h.place_index for h in result.hypotheses} <= {13, 14, 15, 16, 17}
     assert len(result.hypotheses) == 5
+    # The place filter (the default mode) keeps its belief inside the prior too.
+    tracking = Relocalizer(default_model, route_map)
+    assert tracking.relocalize(image).best.place_index == 7
+    answer = tracking.relocalize(image, prior=near)
+    assert all(13 <= h.place_index <= 17 for h in answer.hypotheses)
 
 
 def test_another_models_map_is_refused(route_map) -> None:

@@ -696,25 +696,3 @@ def test_the_node_runs_the_model_on_onnxruntime_when_an_export_fits_the_map(
         # num_threads 1 reaches ONNX Runtime's session and faiss in the worker thread.
         threads = json.loads(harness.values()['threads'])
         assert threads['onnxruntime'] == threads['faiss'] == 1, threads
-
-
-def test_a_map_whose_checksums_fail_after_start_up_is_served_with_an_error_status(
-    maps: dict, tmp_path: Path
-) -> None:
-    """Checksums are checked after start-up (the first frame is not kept waiting for the
-    hashing of a large map): a damaged byte then turns /diagnostics to ERROR."""
-    maps['a'].save(tmp_path / 'map')
-    damaged = current_generation(tmp_path / 'map') / 'global_descriptors.npy'
-    data = bytearray(damaged.read_bytes())
-    data[-1] ^= 0x01  # one float's lowest bit: the file still loads
-    damaged.write_bytes(bytes(data))
-    with node_in_this_process({**PARAMS, 'map_dir': str(tmp_path / 'map')}) as harness:
-        stamp = next_stamp()
-        harness.ask(harness.raw, raw_msg(query_image(1), stamp))
-        assert hypotheses_from_cloud(harness.hypotheses[ns(stamp)])[0].place_id == 1
-        assert harness.spin_until(
-            lambda: harness.values().get('map_integrity', 'ok') != 'ok', 20.0
-        ), harness.values()
-        assert harness.status is not None
-        assert harness.status.level == DiagnosticStatus.ERROR
-        assert 'global_descriptors.npy' in harness.values()['map_integrity']

@@ -21,7 +21,7 @@ import pytest
 from conftest import ros_environment, synthetic_place, viewed_again
 
 from vpr_ros.database import PlaceDatabase, place_records
-from vpr_ros.extraction import Extractor
+from vpr_ros.extraction import TorchExtractor
 from vpr_ros.types import Frame, Pose
 
 rclpy = pytest.importorskip('rclpy')
@@ -82,7 +82,7 @@ def place_stamp(index: int) -> int:
 def save_route_map(model, directory: Path, frame: str = 'test_map') -> PlaceDatabase:
     """The mapped route: place i seen at T0 + i s, at x = 3 i m, poses in ``frame``."""
     images = [synthetic_place(i) for i in range(PLACES)]
-    descriptors = Extractor(model, batch_size=PLACES).extract(images)
+    descriptors = TorchExtractor(model, batch_size=PLACES).extract(images)
     frames = [
         Frame(image, place_stamp(i), 'camera', route_pose(i), frame)
         for i, image in enumerate(images)

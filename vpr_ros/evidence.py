@@ -56,6 +56,7 @@ class Observation:
         global_descriptor: (D,) the query's global descriptor, or None.
         sequence_descriptor: (S,) the query's patch-normalised descriptor, or None.
         stamp: when the frame was taken (s), or None.
+        allowed: (N,) bool, the places a position prior allows (None: all).
         odometry_xyz: the robot's odometry position at the frame (any fixed frame), or None.
     """
 
@@ -69,6 +70,7 @@ class Observation:
     sequence_descriptor: np.ndarray | None = None
     stamp: float | None = None
     odometry_xyz: np.ndarray | None = None
+    allowed: np.ndarray | None = None
 
 
 class PlaceEvidence(Protocol):
@@ -342,7 +344,12 @@ class FilterEvidence:
         # last one; without, only the driving stream's image steps do.
         move = odometry is not None or observation.stream == self._driving_stream
         self.filter.update(
-            queries, rerank=rerank, odometry_xyz=odometry, stamp=observation.stamp, move=move
+            queries,
+            rerank=rerank,
+            odometry_xyz=odometry,
+            stamp=observation.stamp,
+            move=move,
+            allowed=observation.allowed,
         )
         places, confidence = self.filter.best_places(self.count)
         global_scores = np.full(len(places), np.nan)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vpr_ros.config import Conf, option
+from vpr_ros.sequence import consecutive_distances
 
 LOG = logging.getLogger(__name__)
 
@@ -230,18 +231,18 @@ class PlaceFilter:
             k: sorted_traverse[k:] == sorted_traverse[:-k] for k in range(1, conf.max_step + 1)
         }
 
-        # Map descriptors per source, in the sorted order (scores are computed in it).
+        # Map descriptors per source, in the map's order (not copied when already float32;
+        # each frame's similarities are reordered instead: N numbers, not N x D).
         self._descriptors: dict[str, np.ndarray] = {}
         for source, values in descriptors.items():
             values = np.asarray(values, np.float32)
             if values.ndim != 2 or len(values) != num_places:
                 msg = f'{source} descriptors must be (N={num_places}, D), got {values.shape!r}'
                 raise ValueError(msg)
-            self._descriptors[source] = np.ascontiguousarray(values[order])
+            self._descriptors[source] = values
         self.step_source = next(iter(self._descriptors))
         # Keyframe steps in descriptor space (no-odometry motion), as the sequence matcher.
-        step_map = self._descriptors[self.step_source]
-        steps = np.linalg.norm(np.diff(step_map, axis=0), axis=1).astype(np.float64)
+        steps = consecutive_distances(self._descriptors[self.step_source], order)
         steps[new_traverse[1:]] = np.nan
         known = steps[np.isfinite(steps) & (steps > 1e-6)]
         self.reference_step = float(np.median(known)) if len(known) else 1.0
@@ -325,6 +326,7 @@ class PlaceFilter:
         odometry_xyz: np.ndarray | None = None,
         stamp: float | None = None,
         move: bool = True,
+        allowed: np.ndarray | None = None,
     ) -> FilterState:
         """Move the belief and weigh it by one frame's evidence.
 
@@ -337,6 +339,8 @@ class PlaceFilter:
                 None: no odometry for this frame.
             stamp: the frame's time (s); the belief is not moved for an older frame.
             move: False applies the evidence without motion (e.g. a second camera).
+            allowed: (N,) bool, map order: only these places can be the answer (a position
+                prior: a GPS fix, a localizer's pose); None: all.
         """
         used_odometry, weight = False, 1.0
         if move:
@@ -363,7 +367,11 @@ class PlaceFilter:
             m = self.signal(source)
             # Re-ranking scores only the candidates: the rest is neither for nor against.
             likelihood[:-1][known] += m * u[known] - 0.5 * m * m
-        self._weigh(weight * likelihood)
+        likelihood *= weight
+        if allowed is not None:
+            # Outside the prior: as good as impossible, whatever the images say.
+            likelihood[:-1][~np.asarray(allowed, bool)[self._order]] = -1e3
+        self._weigh(likelihood)
         self.state = self._state(used_odometry)
         return self.state
 
@@ -371,7 +379,7 @@ class PlaceFilter:
         """Cosine similarity of a query descriptor to every place (sorted order)."""
         query = np.asarray(query, np.float32).reshape(-1)
         query = query / max(float(np.linalg.norm(query)), 1e-12)
-        similarity: np.ndarray = self._descriptors[source] @ query
+        similarity: np.ndarray = (self._descriptors[source] @ query)[self._order]
         return similarity
 
     def source_scores(self, similarity: np.ndarray) -> np.ndarray:
@@ -639,7 +647,7 @@ class PlaceFilter:
         confidence: list[float] = []
         for _ in range(min(count, self.num_places)):
             place = int(np.argmax(remaining))
-            if remaining[place] <= 0 and places:
+            if remaining[place] <= 1e-12 and places:  # nothing the belief allows is left
                 break
             region = self.region(place)
             places.append(place)

@@ -335,11 +335,18 @@ class Relocalizer:
             sequence_descriptor=sequence_descriptor,
             stamp=stamp,
             odometry_xyz=odometry_xyz,
+            allowed=None if prior is None else self._allowed(prior),
         )
         begun = time.perf_counter()
         hypotheses = self.evidence.update(observation)
         timings[self.conf.mode] = time.perf_counter() - begun
         return RelocalizationResult(hypotheses, timings, candidates)
+
+    def _allowed(self, prior: PositionPrior) -> np.ndarray:
+        """(N,) bool: the places within ``prior``'s radius (places without a pose are not)."""
+        from vpr_ros.priors import within
+
+        return np.asarray(within(self.database.poses[:, :2], prior), bool)
 
     def retrieve(
         self,

@@ -381,7 +381,7 @@ class SequenceMatcher:
         # Keyframe steps in descriptor space, into each place from its predecessor and out
         # of it to its successor in the traverse (the map's median step where there is
         # none, and at most that). The motion model compares them with the query's step.
-        steps = _consecutive_distances(self._descriptors, order)
+        steps = consecutive_distances(self._descriptors, order)
         steps[new_traverse[1:]] = np.nan
         known = steps[np.isfinite(steps) & (steps > 1e-6)]
         self.reference_step = float(np.median(known)) if len(known) else 1.0
@@ -634,7 +634,7 @@ def match_traverse(
     return best, score, confidence
 
 
-def _consecutive_distances(
+def consecutive_distances(
     descriptors: np.ndarray, order: np.ndarray, chunk: int = 8192
 ) -> np.ndarray:
     """Distances between descriptors[order[i]] and descriptors[order[i + 1]], (N - 1,)."""

@@ -885,6 +885,11 @@ class RelocalizeNode(LifecycleNode):
             for topic, transport in zip(self._topics, self._transports)
         )
 
+    def _threads_in_force(self) -> dict[str, int]:
+        """Threads each library runs with: the worker's caps and the model backend's."""
+        settings = getattr(self._model, 'thread_settings', None)
+        return {**self._thread_limits, **(settings() if callable(settings) else {})}
+
     @staticmethod
     def _load_map(map_dir: str, model: VprModel | Extractor | None = None) -> PlaceDatabase:
         # Sizes and headers now; chunk checksums in the background, so that start-up does
@@ -1186,6 +1191,9 @@ class RelocalizeNode(LifecycleNode):
         transport = self._check_transport() if active else []
         with self._map_lock:
             places = len(self._database()) if self._model is not None else 0
+            # Places whose stored data failed its size or chunk check (issue 14's
+            # background verification): they are no longer answered.
+            unusable = len(self._database().unusable_places()) if self._model is not None else 0
         policy = self._policy
         values: dict[str, Any] = {
             'lifecycle_state': self._lifecycle,
@@ -1207,10 +1215,11 @@ class RelocalizeNode(LifecycleNode):
             'expected_rate_hz': conf.health.expected_rate_hz,
             'map_dir': self._map_dir,
             'map_places': places,
+            'map_places_unusable': unusable,
             'map_frame': self._map_frame,
             'model': self._model.name if self._model is not None else '',
             'backend': getattr(self._model, 'backend', 'torch') if self._model else '',
-            'threads': json.dumps(self._thread_limits, sort_keys=True),
+            'threads': json.dumps(self._threads_in_force(), sort_keys=True),
             'last_best': self._stats.last_best,
             'last_error': stats.last_error,
         }
@@ -1250,6 +1259,11 @@ class RelocalizeNode(LifecycleNode):
             )
             if self._frame_problem:
                 problems.append(self._frame_problem)
+            if unusable:
+                problems.append(
+                    f'{unusable} map places failed their integrity check and are not answered; '
+                    'rebuild or restore the map'
+                )
             if problems:
                 level, message = DiagnosticStatus.WARN, '; '.join(problems)
         self._diagnostics_pub.publish(
