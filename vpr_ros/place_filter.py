@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vpr_ros.config import Conf, option
-from vpr_ros.sequence import consecutive_distances
+from vpr_ros.sequence import KeyframeOrder, KeyframeSteps
 
 LOG = logging.getLogger(__name__)
 
@@ -209,22 +209,17 @@ class PlaceFilter:
             raise ValueError('the place filter needs a map with at least one place')
         self.num_places = num_places
         # Work in an order where each traverse is contiguous and in keyframe order.
-        order = np.argsort(traverse_ids, kind='stable')
+        layout = KeyframeOrder.of(traverse_ids)
+        order = layout.order
         self._order = order
         self._rank = np.empty(num_places, np.int64)
         self._rank[order] = np.arange(num_places)
         sorted_traverse = traverse_ids[order]
-        new_traverse = np.r_[True, sorted_traverse[1:] != sorted_traverse[:-1]]
+        new_traverse = layout.new_traverse
+        self._contrast_lo, self._contrast_hi = layout.windows(conf.contrast_window)
+        self._exclusion_lo, self._exclusion_hi = layout.windows(conf.exclusion_window)
         starts = np.flatnonzero(new_traverse)
         ends = np.r_[starts[1:], num_places]
-        number = np.cumsum(new_traverse) - 1
-        first, last = starts[number], ends[number]
-        position = np.arange(num_places)
-        window = conf.contrast_window
-        self._contrast_lo = np.maximum(position - window, first)
-        self._contrast_hi = np.minimum(position + window + 1, last)
-        self._exclusion_lo = np.maximum(position - conf.exclusion_window, first)
-        self._exclusion_hi = np.minimum(position + conf.exclusion_window + 1, last)
         self._segments = list(zip(starts.tolist(), ends.tolist(), strict=True))
         # Shifting by k stays inside a traverse where the traverse k places back is the same.
         self._same_traverse = {
@@ -242,17 +237,10 @@ class PlaceFilter:
             self._descriptors[source] = values
         self.step_source = next(iter(self._descriptors))
         # Keyframe steps in descriptor space (no-odometry motion), as the sequence matcher.
-        steps = consecutive_distances(self._descriptors[self.step_source], order)
-        steps[new_traverse[1:]] = np.nan
-        known = steps[np.isfinite(steps) & (steps > 1e-6)]
-        self.reference_step = float(np.median(known)) if len(known) else 1.0
-        step_in = np.fmin(np.r_[np.nan, steps], self.reference_step)
-        step_out = np.fmin(np.r_[steps, np.nan], self.reference_step)
-        self._half_step_in = 0.5 * np.nan_to_num(step_in, nan=self.reference_step)
-        floor = 0.05 * self.reference_step
-        self._inverse_step_out = 1.0 / np.maximum(
-            np.nan_to_num(step_out, nan=self.reference_step), floor
-        )
+        steps = KeyframeSteps.of(self._descriptors[self.step_source], layout)
+        self.reference_step = steps.reference
+        self._half_step_in = steps.half_step_in
+        self._inverse_step_out = steps.inverse_step_out
 
         # Positions and arc length along each traverse (odometry motion, confidence).
         self._xyz: np.ndarray | None = None
@@ -265,7 +253,7 @@ class PlaceFilter:
                 hops = np.linalg.norm(np.diff(xyz, axis=0), axis=1)
                 hops[new_traverse[1:]] = 0.0
                 arc = np.r_[0.0, np.cumsum(hops)]
-                self._arc = arc - arc[first]
+                self._arc = arc - arc[layout.first]
                 moving = hops[hops > 1e-3]
                 self.place_spacing_m = float(np.median(moving)) if len(moving) else 1.0
         self.reset()
@@ -292,10 +280,6 @@ class PlaceFilter:
         )
         prior[-1] = math.log(self.conf.off_map_prior)
         return prior
-
-    @property
-    def has_positions(self) -> bool:
-        return self._xyz is not None
 
     def cap(self, source: str) -> float:
         """The most a source can count per frame (its ``<source>_weight``)."""

@@ -297,6 +297,72 @@ def as_sequence_conf(conf: SequenceConf | Mapping[str, Any] | None) -> SequenceC
     return conf if isinstance(conf, SequenceConf) else SequenceConf.from_dict(conf)
 
 
+@dataclass(frozen=True)
+class KeyframeOrder:
+    """A map's places grouped by traverse, each traverse in keyframe order: the layout the
+    sequence matcher and the place filter walk.
+
+    Attributes:
+        order: (N,) sorted position -> place index (traverses contiguous, stable).
+        new_traverse: (N,) bool, a traverse starts at this sorted position.
+        first: (N,) the sorted position where each place's traverse starts.
+        last: (N,) one past where it ends.
+    """
+
+    order: np.ndarray
+    new_traverse: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+    @classmethod
+    def of(cls, traverse_ids: np.ndarray) -> KeyframeOrder:
+        traverse_ids = np.asarray(traverse_ids).reshape(-1)
+        order = np.argsort(traverse_ids, kind='stable')
+        sorted_traverse = traverse_ids[order]
+        new_traverse = np.r_[True, sorted_traverse[1:] != sorted_traverse[:-1]]
+        number = np.cumsum(new_traverse) - 1
+        starts = np.flatnonzero(new_traverse)
+        ends = np.r_[starts[1:], len(order)]
+        return cls(order, new_traverse, starts[number], ends[number])
+
+    def windows(self, half_width: int) -> tuple[np.ndarray, np.ndarray]:
+        """[lo, hi) sorted positions within ``half_width`` keyframes of each place, inside
+        its traverse."""
+        position = np.arange(len(self.order))
+        lo = np.maximum(position - half_width, self.first)
+        hi = np.minimum(position + half_width + 1, self.last)
+        return lo, hi
+
+
+@dataclass(frozen=True)
+class KeyframeSteps:
+    """How far descriptors move from keyframe to keyframe (sorted order), which the motion
+    models compare with the query's step.
+
+    Attributes:
+        reference: the map's median keyframe step (1 when it has none).
+        half_step_in: (N,) half the step into each place from its predecessor (the
+            reference where there is none, and at most that).
+        inverse_step_out: (N,) 1 / the step out of it to its successor (likewise; floored
+            at 5 % of the reference, so a map that stood still keeps a step scale).
+    """
+
+    reference: float
+    half_step_in: np.ndarray
+    inverse_step_out: np.ndarray
+
+    @classmethod
+    def of(cls, descriptors: np.ndarray, layout: KeyframeOrder) -> KeyframeSteps:
+        steps = consecutive_distances(descriptors, layout.order)
+        steps[layout.new_traverse[1:]] = np.nan
+        known = steps[np.isfinite(steps) & (steps > 1e-6)]
+        reference = float(np.median(known)) if len(known) else 1.0
+        # fmin ignores NaN: no predecessor or successor gives the reference.
+        step_in = np.fmin(np.r_[np.nan, steps], reference)
+        step_out = np.fmin(np.r_[steps, np.nan], reference)
+        return cls(reference, 0.5 * step_in, 1.0 / np.maximum(step_out, 0.05 * reference))
+
+
 class SequenceMatcher:
     """Online sequence matcher over a map's keyframe order (see the module docstring).
 
@@ -356,41 +422,22 @@ class SequenceMatcher:
         # Internal layout: each traverse's places contiguous, in keyframe order, preceded by
         # `pad` always-infinite slots so that shifts by <= max_step never cross traverses.
         pad = self.conf.max_step
-        order = np.argsort(traverse_ids, kind='stable')
-        sorted_traverse = traverse_ids[order]
-        new_traverse = np.r_[True, sorted_traverse[1:] != sorted_traverse[:-1]]
-        traverse_number = np.cumsum(new_traverse) - 1
+        layout = KeyframeOrder.of(traverse_ids)
+        order = layout.order
+        traverse_number = np.cumsum(layout.new_traverse) - 1
         self._order = order  # sorted position -> place index
         self._slot = np.arange(num_places) + pad * (traverse_number + 1)  # sorted -> slot
         self._num_slots = num_places + pad * (int(traverse_number[-1]) + 1)
         self._pad = pad
         # Keyframe window of each place inside its traverse (sorted positions, [lo, hi)).
-        starts = np.flatnonzero(new_traverse)
-        ends = np.r_[starts[1:], num_places]
-        first = starts[traverse_number]
-        last = ends[traverse_number]
-        position = np.arange(num_places)
-        window = self.conf.contrast_window
-        self._contrast_lo = np.maximum(position - window, first)
-        self._contrast_hi = np.minimum(position + window + 1, last)
-        exclusion = self.conf.exclusion_window
-        self._exclusion_lo = np.maximum(position - exclusion, first)
-        self._exclusion_hi = np.minimum(position + exclusion + 1, last)
+        self._contrast_lo, self._contrast_hi = layout.windows(self.conf.contrast_window)
+        self._exclusion_lo, self._exclusion_hi = layout.windows(self.conf.exclusion_window)
         self._sorted_of_place = np.empty(num_places, np.int64)
-        self._sorted_of_place[order] = position
-        # Keyframe steps in descriptor space, into each place from its predecessor and out
-        # of it to its successor in the traverse (the map's median step where there is
-        # none, and at most that). The motion model compares them with the query's step.
-        steps = consecutive_distances(self._descriptors, order)
-        steps[new_traverse[1:]] = np.nan
-        known = steps[np.isfinite(steps) & (steps > 1e-6)]
-        self.reference_step = float(np.median(known)) if len(known) else 1.0
-        step_in = np.fmin(np.r_[np.nan, steps], self.reference_step)
-        step_out = np.fmin(np.r_[steps, np.nan], self.reference_step)
-        # A map that stood still (duplicate keyframes) still has a step scale.
-        floor = 0.05 * self.reference_step
-        self._half_step_in = self._slot_array(0.5 * step_in, pad)
-        self._inverse_step_out = self._slot_array(1.0 / np.maximum(step_out, floor), pad)
+        self._sorted_of_place[order] = np.arange(num_places)
+        steps = KeyframeSteps.of(self._descriptors, layout)
+        self.reference_step = steps.reference
+        self._half_step_in = self._slot_array(steps.half_step_in, pad)
+        self._inverse_step_out = self._slot_array(steps.inverse_step_out, pad)
 
         self._null_levels: dict[int, float] = {}
         self._window: deque[tuple[np.ndarray, float, float]] = deque()
