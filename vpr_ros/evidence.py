@@ -319,7 +319,6 @@ class FilterEvidence:
             competitor_radius_m=conf.competitor_radius_m,
         )
         self._driving_stream: Hashable | None = None
-        self._odometry_seen = False
 
     def update(self, observation: Observation) -> list[Hypothesis]:
         from vpr_ros.place_filter import GLOBAL_SOURCE, PATCH_SOURCE
@@ -336,10 +335,6 @@ class FilterEvidence:
         if self._driving_stream is None:
             self._driving_stream = observation.stream
         odometry = observation.odometry_xyz
-        if odometry is not None:
-            self._odometry_seen = True
-        elif self._odometry_seen:
-            self.filter.note_odometry_gap()
         # With odometry every frame moves the belief by what the robot travelled since the
         # last one; without, only the driving stream's image steps do.
         move = odometry is not None or observation.stream == self._driving_stream
@@ -365,7 +360,6 @@ class FilterEvidence:
     def reset(self) -> None:
         self.filter.reset()
         self._driving_stream = None
-        self._odometry_seen = False
 
 
 EVIDENCE: dict[str, Callable[[PlaceDatabase, RelocalizationConf], PlaceEvidence]] = {

@@ -455,6 +455,8 @@ class PlaceFilter:
             self._warn_once(
                 'positions', 'the map has places without positions: odometry is not used'
             )
+        else:
+            self.note_odometry_gap()  # no odometry for this frame (warns if there was some)
         if moved is None:
             if step_descriptor is None or self._previous_step_descriptor is None:
                 step = self.reference_step  # unknown change: as if it moved one keyframe
