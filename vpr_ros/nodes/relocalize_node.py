@@ -953,18 +953,15 @@ class RelocalizeNode(LifecycleNode):
         self._intrinsics[camera] = camera_intrinsics(msg)
 
     def odometry_callback(self, msg: Any) -> None:
-        position = msg.pose.pose.position
-        self._odometry = (
-            stamp_ns(msg.header.stamp) * 1e-9,
-            time.monotonic(),
-            np.array([position.x, position.y, position.z]),
-        )
-        belief = self._odometry_belief
-        decoded = POSE_TYPES['odometry'].decode(msg)
-        if belief is None or not isinstance(decoded, LocalPose):
+        decoded = POSE_TYPES['odometry'].decode(msg)  # the one pose decoder
+        if not isinstance(decoded, LocalPose):
             return
         position, quaternion = decoded
-        belief.add_odometry(stamp_ns(msg.header.stamp), Pose(*position, *quaternion))
+        stamp = stamp_ns(msg.header.stamp)
+        # For the place filter: (header stamp s, monotonic receipt s, position xyz).
+        self._odometry = (stamp * 1e-9, time.monotonic(), np.asarray(position, np.float64))
+        if self._odometry_belief is not None:
+            self._odometry_belief.add_odometry(stamp, Pose(*position, *quaternion))
 
     def _odometry_at(self, frame_stamp: float, received: float) -> np.ndarray | None:
         """The odometry position for the place filter at a frame, or None when there is
