@@ -5,40 +5,35 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vpr_ros.database import PLACE_DTYPE, PLACE_RECORD_DTYPE
 from vpr_ros.errors import DatabaseError
 from vpr_ros.frames import is_drifting_frame, map_pose_frame, pose_frames
 
 
-def places(*frames: str, posed: bool = True) -> np.ndarray:
-    rows = np.zeros(len(frames), PLACE_RECORD_DTYPE)
-    rows['frame_id'] = frames
-    if not posed:
-        rows['x'] = np.nan
-    return rows
+def places(*frames: str, posed: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Frame ids of places and whether each has a pose."""
+    return np.array(frames, dtype=str), np.full(len(frames), posed)
 
 
 def test_a_map_records_the_frame_of_its_place_poses() -> None:
-    assert map_pose_frame(places('world', 'world', '')) == 'world'
-    assert pose_frames(places('odom', 'odom')) == ['odom']
+    assert map_pose_frame(*places('world', 'world', '')) == 'world'
+    assert pose_frames(*places('odom', 'odom')) == ['odom']
 
 
 def test_a_map_without_poses_or_frame_ids_has_no_frame() -> None:
-    assert map_pose_frame(places('', '')) == ''
-    assert map_pose_frame(places('camera', posed=False)) == ''
-    assert map_pose_frame(np.zeros(0, PLACE_DTYPE)) == ''
+    assert map_pose_frame(*places('', '')) == ''
+    assert map_pose_frame(*places('camera', posed=False)) == ''
+    assert map_pose_frame(np.zeros(0, str), np.zeros(0, bool)) == ''
 
 
-def test_a_stored_map_names_its_frame_through_its_string_table() -> None:
-    rows = np.zeros(3, PLACE_DTYPE)
-    rows['frame_id'] = [2, 2, 0]
-    rows['x'][2] = np.nan  # no pose: its frame does not count
-    assert map_pose_frame(rows, strings=['camera', '', 'world']) == 'world'
+def test_only_the_frames_of_posed_places_count() -> None:
+    frame_ids = np.array(['world', 'world', 'camera'])
+    posed = np.array([True, True, False])  # the camera frame's place has no pose
+    assert map_pose_frame(frame_ids, posed) == 'world'
 
 
 def test_a_map_that_mixes_frames_is_refused_with_the_frames_named() -> None:
     with pytest.raises(DatabaseError, match=r"map 'm' mixes place poses in the frames \['map', "):
-        map_pose_frame(places('odom', 'map'), where="map 'm'")
+        map_pose_frame(*places('odom', 'map'), where="map 'm'")
 
 
 @pytest.mark.parametrize(

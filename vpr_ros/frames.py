@@ -11,33 +11,34 @@ does not publish ``~/pose`` from them unless told to.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vpr_ros.errors import DatabaseError
 
+if TYPE_CHECKING:
+    from vpr_ros.database import PlaceDatabase
 
-def pose_frames(places: np.ndarray, strings: Sequence[str] | None = None) -> list[str]:
-    """The distinct frame ids of the places that have a pose, sorted; empty frame ids are
-    left out. ``places``: rows with the frame ids in place (``PLACE_RECORD_DTYPE``), or a
-    map's rows (``PLACE_DTYPE``) and the map's string table ``strings``."""
-    posed = places[np.isfinite(places['x'])] if len(places) else places
-    ids = posed['frame_id']
-    if strings is not None and np.issubdtype(ids.dtype, np.integer):
-        ids = [strings[int(i)] for i in ids]
-    return sorted({str(f) for f in ids if str(f)})
+
+def pose_frames(frame_ids: Sequence[str] | np.ndarray, posed: np.ndarray) -> list[str]:
+    """The distinct frame ids of the places that have a pose (``posed``), sorted; empty frame
+    ids are left out. A map gives them as ``place_strings('frame_id')`` and
+    ``np.isfinite(places['x'])`` (``database_pose_frame``)."""
+    ids = np.asarray(frame_ids, dtype=str)[np.asarray(posed, bool)]
+    return sorted({f for f in ids.tolist() if f})
 
 
 def map_pose_frame(
-    places: np.ndarray, *, where: str = 'the map', strings: Sequence[str] | None = None
+    frame_ids: Sequence[str] | np.ndarray, posed: np.ndarray, *, where: str = 'the map'
 ) -> str:
-    """The one frame id of a map's place poses ('' when none is recorded); ``places`` and
-    ``strings`` as in ``pose_frames``.
+    """The one frame id of a map's place poses ('' when none is recorded); the arguments as
+    in ``pose_frames``.
 
     Raises:
         DatabaseError: the places are in several frames, which no output can be stamped with.
     """
-    frames = pose_frames(places, strings)
+    frames = pose_frames(frame_ids, posed)
     if len(frames) > 1:
         msg = (
             f'{where} mixes place poses in the frames {frames!r}; rebuild it from one pose '
@@ -45,6 +46,12 @@ def map_pose_frame(
         )
         raise DatabaseError(msg)
     return frames[0] if frames else ''
+
+
+def database_pose_frame(database: PlaceDatabase, *, where: str = 'the map') -> str:
+    """``map_pose_frame`` of a map's places."""
+    posed = np.isfinite(database.places['x'])
+    return map_pose_frame(database.place_strings('frame_id'), posed, where=where)
 
 
 def is_drifting_frame(frame_id: str, drifting: Sequence[str]) -> bool:

@@ -80,7 +80,7 @@ from vpr_ros.database import PlaceDatabase
 from vpr_ros.dds import no_frames_hint
 from vpr_ros.errors import ConfigError, DatabaseError, ImageDecodeError, VprError
 from vpr_ros.extraction import AUTO, BACKENDS, Extractor, open_extractor
-from vpr_ros.frames import is_drifting_frame, map_pose_frame
+from vpr_ros.frames import database_pose_frame, is_drifting_frame
 from vpr_ros.health import DROPPED, RECEIVED, HealthConf, assess
 from vpr_ros.images import DEFAULT_MAX_PIXELS, failure_reason, msg_to_rgb
 from vpr_ros.loop_closure import LoopClosureConf, LoopClosureDetector, update_place_poses
@@ -693,9 +693,8 @@ class RelocalizeNode(LifecycleNode):
                 num_threads=self._num_threads,
             )
             detector.extractor.extract([np.zeros((480, 640, 3), np.uint8)])  # warm-up
-            places, strings = detector.database.places, detector.database.strings
             where = f'map {map_dir!r}' if database is not None else 'the live map'
-            relocalizer = None
+            relocalizer, served = None, detector.database
         else:
             # The model loads (torch or ONNX Runtime) while the map does.
             source, map_identity = _map_model(map_dir, conf.model)
@@ -709,9 +708,8 @@ class RelocalizeNode(LifecycleNode):
             model = extractor
             relocalizer.relocalize(np.zeros((480, 640, 3), np.uint8))  # warm-up: first frame
             relocalizer.reset_sequences()  # the warm-up frame is not part of any history
-            places, strings = relocalizer.database.places, relocalizer.database.strings
-            where, detector = f'map {map_dir!r}', None
-        frame = map_pose_frame(places, where=where, strings=strings)
+            where, detector, served = f'map {map_dir!r}', None, relocalizer.database
+        frame = database_pose_frame(served, where=where)
         with self._map_lock:
             self._model, self._relocalizer, self._detector = model, relocalizer, detector
         self._map_dir = map_dir
@@ -1050,10 +1048,7 @@ class RelocalizeNode(LifecycleNode):
         map_dir = os.path.expanduser(self.get_parameter('map_dir').value)
         try:
             relocalizer = self._open_map(model, map_dir)
-            database = relocalizer.database
-            frame = map_pose_frame(
-                database.places, where=f'map {map_dir!r}', strings=database.strings
-            )
+            frame = database_pose_frame(relocalizer.database, where=f'map {map_dir!r}')
         except Exception as err:  # whatever is wrong with the new map, the old one stays
             response.success = False
             response.message = f'kept the current map {self._map_dir!r}: {err}'
