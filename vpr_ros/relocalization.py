@@ -343,10 +343,11 @@ class Relocalizer:
         return RelocalizationResult(hypotheses, timings, candidates)
 
     def _allowed(self, prior: PositionPrior) -> np.ndarray:
-        """(N,) bool: the places within ``prior``'s radius (places without a pose are not)."""
-        from vpr_ros.priors import within
-
-        return np.asarray(within(self.database.poses[:, :2], prior), bool)
+        """(N,) bool: the places within ``prior``'s radius (places without a pose are not),
+        found through the map's tiles as retrieval finds them."""
+        allowed = np.zeros(len(self.database), bool)
+        allowed[self.database.tile_grid().places_within(prior)] = True
+        return allowed
 
     def retrieve(
         self,
