@@ -81,7 +81,7 @@ from vpr_ros.mapfiles import (
 )
 from vpr_ros.models.identity import ModelIdentity
 from vpr_ros.priors import PositionPrior, TileGrid, tiles_near, within
-from vpr_ros.retrieval import Index, IndexConf, PlaceFilter, index_backend
+from vpr_ros.retrieval import Index, IndexConf, SearchRestriction, index_backend
 from vpr_ros.types import Frame, Pose
 
 FORMAT_NAME = 'vpr_ros.place_database'
@@ -1331,8 +1331,8 @@ class PlaceDatabase:
         traverses: Sequence[int] | None = None,
         since_ns: int | None = None,
         until_ns: int | None = None,
-    ) -> PlaceFilter | None:
-        """The ``PlaceFilter`` of these restrictions for this map's index (None: none)."""
+    ) -> SearchRestriction | None:
+        """The ``SearchRestriction`` of these restrictions for this map's index (None: none)."""
         if prior is None and traverses is None and since_ns is None and until_ns is None:
             return None
         tiles = None
@@ -1340,7 +1340,7 @@ class PlaceDatabase:
             near = tiles_near(prior, self.index_conf.tile_m)
             tiles = None if near is None else tuple(int(t) for t in near)
         if self.index.filters_in_engine:
-            return PlaceFilter(
+            return SearchRestriction(
                 tiles=tiles,
                 traverses=None if traverses is None else tuple(int(t) for t in traverses),
                 since_ns=since_ns,
@@ -1357,7 +1357,7 @@ class PlaceDatabase:
         ids = np.flatnonzero(mask)
         if prior is not None:
             ids = np.intersect1d(self.tile_grid().places_within(prior), ids, assume_unique=True)
-        return PlaceFilter(ids=ids.astype(np.int64))
+        return SearchRestriction(ids=ids.astype(np.int64))
 
     def tile_grid(self) -> TileGrid:
         """The map's places by tile (made on first use, again after places are added)."""

@@ -26,7 +26,7 @@ import numpy as np
 from vpr_ros.errors import DatabaseError
 from vpr_ros.mapfiles import Column
 from vpr_ros.priors import tile_keys
-from vpr_ros.retrieval import FaissIndex, IndexConf, PlaceFilter
+from vpr_ros.retrieval import FaissIndex, IndexConf, SearchRestriction
 
 MILVUS_LITE_FILE = 'milvus.db'
 _INSERT_ROWS = 4096  # entities per insert call
@@ -92,7 +92,7 @@ class MilvusIndex:
         self._places.append(np.asarray(places))
 
     def search(
-        self, queries: np.ndarray, k: int, *, where: PlaceFilter | None = None
+        self, queries: np.ndarray, k: int, *, where: SearchRestriction | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
         k = max(1, int(k))
@@ -123,7 +123,7 @@ class MilvusIndex:
         return scores, ids
 
     def _search_pending(
-        self, queries: np.ndarray, k: int, where: PlaceFilter | None
+        self, queries: np.ndarray, k: int, where: SearchRestriction | None
     ) -> tuple[np.ndarray, np.ndarray]:
         allowed = np.arange(self.inserted, self.ntotal, dtype=np.int64)
         if where is not None and self._places:
@@ -139,9 +139,9 @@ class MilvusIndex:
             if where.until_ns is not None:
                 keep &= rows['stamp_ns'] <= where.until_ns
             allowed = allowed[keep]
-        return self._pending.search(queries, k, where=PlaceFilter(ids=allowed))
+        return self._pending.search(queries, k, where=SearchRestriction(ids=allowed))
 
-    def _filter(self, where: PlaceFilter | None) -> str:
+    def _filter(self, where: SearchRestriction | None) -> str:
         terms = [f'id < {self.inserted}']
         if where is not None:
             if where.tiles is not None:

@@ -1,4 +1,4 @@
-"""Global-descriptor retrieval: the ``Index`` seam, ``PlaceFilter`` and the faiss engine.
+"""Global-descriptor retrieval: the ``Index`` seam, ``SearchRestriction`` and the faiss engine.
 
 An index answers "which places have the most similar global descriptors" (inner product on
 L2-normalised descriptors, i.e. cosine similarity). ``PlaceDatabase`` owns one, made from the
@@ -107,7 +107,7 @@ class IndexConf(Conf):
 
 
 @dataclass(frozen=True)
-class PlaceFilter:
+class SearchRestriction:
     """Which places a search may return (None: no restriction of that kind).
 
     ``ids`` is what in-process engines use: the place indices allowed, resolved by the map
@@ -147,13 +147,14 @@ class Index(Protocol):
 
     @property
     def filters_in_engine(self) -> bool:
-        """Whether ``search`` reads the declarative fields of a ``PlaceFilter`` (else ``ids``)."""
+        """Whether ``search`` reads the declarative fields of a ``SearchRestriction`` (else
+        ``ids``)."""
 
     def add(self, descriptors: np.ndarray, places: np.ndarray) -> None:
         """Append places, numbered after the ones already indexed (``places``: their rows)."""
 
     def search(
-        self, queries: np.ndarray, k: int, *, where: PlaceFilter | None = None
+        self, queries: np.ndarray, k: int, *, where: SearchRestriction | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` per query: similarities (Q, k) and place indices (Q, k), best first;
         missing entries are index -1 and similarity -inf."""
@@ -238,7 +239,7 @@ class FaissIndex:
             self.faiss_index.add(np.ascontiguousarray(block, np.float32))
 
     def search(
-        self, queries: np.ndarray, k: int, *, where: PlaceFilter | None = None
+        self, queries: np.ndarray, k: int, *, where: SearchRestriction | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, int(k))
