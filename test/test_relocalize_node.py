@@ -234,17 +234,19 @@ def maps(tmp_path_factory: pytest.TempPathFactory, default_model) -> dict:
     return {'dir': root / 'map', 'a': map_a, 'b': map_b, 'root': root}
 
 
-@pytest.fixture(scope='module')
-def node(maps: dict) -> Iterator[tuple[subprocess.Popen, Harness]]:
+@contextlib.contextmanager
+def running_node(
+    params: dict, log: Path, *, cameras: tuple[str, ...] = ('raw',)
+) -> Iterator[tuple[subprocess.Popen, Harness]]:
+    """A relocalize node in its own process, up and subscribed to ``cameras`` (harness
+    publisher names), and a harness; on exit it must stop cleanly on SIGINT."""
     env = ros_environment()
-    log = maps['root'] / 'node.log'
-    process = start_node({**PARAMS, 'map_dir': str(maps['dir'])}, env, log)
+    process = start_node(params, env, log)
     harness = Harness(int(env['ROS_DOMAIN_ID']))
     try:
         ready = harness.reload.wait_for_service(timeout_sec=90) and harness.spin_until(
             lambda: (
-                harness.raw.get_subscription_count() > 0
-                and harness.compressed.get_subscription_count() > 0
+                all(getattr(harness, c).get_subscription_count() > 0 for c in cameras)
                 and harness.status is not None
             ),
             30,
@@ -262,6 +264,13 @@ def node(maps: dict) -> Iterator[tuple[subprocess.Popen, Harness]]:
     output = log.read_text()
     assert process.returncode == 0, output
     assert 'Traceback' not in output, output
+
+
+@pytest.fixture(scope='module')
+def node(maps: dict) -> Iterator[tuple[subprocess.Popen, Harness]]:
+    params = {**PARAMS, 'map_dir': str(maps['dir'])}
+    with running_node(params, maps['root'] / 'node.log', cameras=('raw', 'compressed')) as up:
+        yield up
 
 
 def check_answer(harness: Harness, stamp: tuple[int, int], place: int) -> None:

@@ -8,7 +8,6 @@ import contextlib
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ from test_relocalize_node import (
     ns,
     query_image,
     raw_msg,
+    running_node,
     start_node,
 )
 
@@ -71,27 +71,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, default_model) -> Iterator[
     root = tmp_path_factory.mktemp('served')
     map_a = build_map(default_model)
     map_a.save(root / 'map')
-    env = ros_environment()
     log = root / 'node.log'
-    process = start_node({**PARAMS, 'map_dir': str(root / 'map')}, env, log)
-    harness = Harness(int(env['ROS_DOMAIN_ID']))
-    try:
-        ready = harness.reload.wait_for_service(timeout_sec=90) and harness.spin_until(
-            lambda: harness.raw.get_subscription_count() > 0 and harness.status is not None, 30
-        )
-        assert ready, f'the node did not come up:\n{log.read_text()}'
+    with running_node({**PARAMS, 'map_dir': str(root / 'map')}, log) as (process, harness):
         yield {'process': process, 'harness': harness, 'root': root, 'a': map_a, 'log': log}
-    finally:
-        harness.close()
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    output = log.read_text()
-    assert process.returncode == 0, output
-    assert 'Traceback' not in output, output
 
 
 @pytest.mark.parametrize(
